@@ -1,0 +1,182 @@
+"""Plugin-side callback subscriptions: one bounded queue per subscriber, with back-pressure.
+
+A subscriber is one registry handle's interest in one callback name. ``notify`` appends to the
+queue of every subscriber of that name and blocks while a queue is full; a long poll takes what
+is queued after the sequence number it acknowledges. Notifications stay queued until
+acknowledged, so a poll cut in flight loses nothing (docs/PROTOCOL.md §5).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from goplug.errors import CallbackNotFound, NotifyTimeout
+
+__all__ = ["Batch", "CallbackHub", "CallbackSettings"]
+
+log = logging.getLogger("goplug.callbacks")
+
+
+@dataclass(frozen=True)
+class CallbackSettings:
+    """Bounds of the plugin's callback queues."""
+
+    max_queue: int = 10_000
+    """Notifications held per subscriber (sent but unacknowledged ones included)."""
+    notify_timeout: float = 10.0
+    """How long ``notify`` waits for room in a full queue before raising NotifyTimeout."""
+    subscriber_expiry: float = 60.0
+    """A subscriber with no poll waiting for this long is forgotten with its queue."""
+    max_batch: int = 1024
+    """Most notifications answered to one poll."""
+    max_batch_bytes: int = 4 * 1024 * 1024
+    """Most bytes answered to one poll (one notification is always sent, whatever its size)."""
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    name: str
+    legacy: bool
+    queue: deque[tuple[int, bytes]] = field(default_factory=deque)
+    last_seq: int = 0
+    waiting: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What one poll answers: notifications numbered from :attr:`first_seq` (0 for legacy)."""
+
+    first_seq: int
+    items: list[bytes]
+    legacy: bool
+
+
+class CallbackHub:
+    """All subscriptions of one plugin, shared by its connection threads."""
+
+    def __init__(self, settings: CallbackSettings | None = None) -> None:
+        self.settings = settings or CallbackSettings()
+        self._cond = threading.Condition()
+        self._subs: dict[tuple[str, str], _Subscriber] = {}
+        self._closed = False
+
+    def names(self) -> list[str]:
+        """Return the callback names that have at least one live subscriber."""
+        with self._cond:
+            self._expire()
+            return sorted({sub.name for sub in self._subs.values()})
+
+    def notify(self, name: str, data: bytes, timeout: float | None = None) -> int:
+        """Queue ``data`` for every subscriber of ``name``; return how many there are.
+
+        Raises CallbackNotFound when there is none, NotifyTimeout when a subscriber's queue stays
+        full for ``timeout`` seconds (default: the settings' notify timeout).
+        """
+        data = bytes(data)
+        limit = self.settings.max_queue
+        with self._cond:
+            self._expire()
+            targets = [sub for sub in self._subs.values() if sub.name == name]
+            if not targets:
+                raise CallbackNotFound(f"no application has registered the callback {name!r}")
+            deadline = time.monotonic() + (
+                self.settings.notify_timeout if timeout is None else timeout
+            )
+            for sub in targets:
+                while len(sub.queue) >= limit and not self._closed and self._is_live(sub):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise NotifyTimeout(
+                            f"a subscriber of {name!r} has {limit} notifications pending; "
+                            "it did not catch up in time"
+                        )
+                    self._cond.wait(remaining)
+                    self._expire()
+                sub.last_seq += 1
+                sub.queue.append((sub.last_seq, data))
+            self._cond.notify_all()
+            return len(targets)
+
+    def poll(
+        self,
+        subscriber: str | None,
+        name: str,
+        ack: int,
+        cancelled: Callable[[], bool],
+        check_every: float = 1.0,
+    ) -> Batch | None:
+        """Wait for notifications for one subscriber; ``None`` if cancelled or closed.
+
+        ``subscriber`` is None for a GoPlug-style poll (one queue per name, no numbering).
+        ``cancelled`` is asked every ``check_every`` seconds (e.g. whether the peer hung up).
+        """
+        key = (subscriber or "", name)
+        with self._cond:
+            sub = self._subs.get(key)
+            if sub is None:
+                sub = self._subs[key] = _Subscriber(name=name, legacy=subscriber is None)
+            sub.waiting += 1
+            try:
+                queue = sub.queue
+                while queue and queue[0][0] <= ack and not sub.legacy:
+                    queue.popleft()
+                self._cond.notify_all()  # room may have appeared for a blocked notify
+                while not queue:
+                    if self._closed or key not in self._subs:
+                        return None
+                    self._cond.wait(check_every)
+                    if not queue and cancelled():
+                        return None
+                if sub.legacy:
+                    _, data = queue.popleft()
+                    self._cond.notify_all()
+                    return Batch(0, [data], legacy=True)
+                items: list[bytes] = []
+                size = 0
+                first = queue[0][0]
+                for _, data in queue:
+                    if items and (
+                        len(items) >= self.settings.max_batch
+                        or size + len(data) > self.settings.max_batch_bytes
+                    ):
+                        break
+                    items.append(data)
+                    size += len(data)
+                return Batch(first, items, legacy=False)
+            finally:
+                sub.waiting -= 1
+                sub.last_seen = time.monotonic()
+
+    def unsubscribe(self, subscriber: str | None, name: str) -> bool:
+        """Forget a subscriber and its queue; return whether it existed."""
+        with self._cond:
+            found = self._subs.pop((subscriber or "", name), None) is not None
+            self._cond.notify_all()
+            return found
+
+    def close(self) -> None:
+        """Wake every waiting poll and notify; later polls return None at once."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _is_live(self, sub: _Subscriber) -> bool:
+        return any(s is sub for s in self._subs.values())
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        expiry = self.settings.subscriber_expiry
+        stale = [
+            key
+            for key, sub in self._subs.items()
+            if not sub.waiting and now - sub.last_seen > expiry
+        ]
+        for key in stale:
+            log.info("forgetting subscriber of %r: no poll for %.0f s", key[1], expiry)
+            del self._subs[key]

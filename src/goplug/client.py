@@ -1,0 +1,439 @@
+"""Registry side of the wire: pooled connections to one plugin, calls, and callback long polls.
+
+A :class:`PluginClient` keeps a pool of persistent connections (one per concurrent caller, as
+many as there have been at once) so calls from many threads never queue behind each other.
+Every long poll has a connection of its own (:class:`Subscription`), so a waiting callback never
+delays a call. Timeouts are kernel socket options (``SO_RCVTIMEO``), which keep a call to one
+``sendall`` and usually one ``recv``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from goplug.errors import (
+    CallTimeout,
+    GoPlugError,
+    PluginConnectionError,
+    ProtocolError,
+    RegistryClosed,
+)
+from goplug.transport import Transport
+from goplug.wire import routes
+from goplug.wire.http import FramingError, Limits, Message, MessageReader
+from goplug.wire.pconf import PluginConf
+
+__all__ = ["ClientSettings", "Connection", "PluginClient", "Subscription"]
+
+log = logging.getLogger("goplug.client")
+
+_RECV = 65536
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Timeouts and limits of a registry's connections to its plugins."""
+
+    call_timeout: float = 30.0
+    """Default timeout of ``execute`` (seconds); a call may pass its own."""
+    ping_timeout: float = 2.0
+    """Timeout of ``ping``."""
+    activate_timeout: float = 5.0
+    """Timeout of ``/Activate`` when loading and of ``/Stop`` when unloading."""
+    connect_timeout: float = 2.0
+    """Timeout of connecting to a plugin socket."""
+    pool_idle: float = 60.0
+    """Pooled connections unused for this long are closed (the plugin's idle limit is longer)."""
+    limits: Limits = field(default_factory=Limits)
+    """Largest response head and body accepted."""
+    resubscribe_max_delay: float = 2.0
+    """Longest wait between two attempts to re-subscribe a cut callback poll."""
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+
+class Connection:
+    """One persistent connection: a blocking socket and its response reader."""
+
+    __slots__ = ("idle_sweeps", "reader", "sock", "timeout")
+
+    def __init__(self, sock: socket.socket, limits: Limits) -> None:
+        self.sock = sock
+        self.reader = MessageReader(True, limits)
+        self.timeout = -1.0
+        self.idle_sweeps = 0
+
+    def set_timeout(self, seconds: float) -> None:
+        """Bound every single receive and send on this connection to ``seconds``."""
+        tv = _timeval(max(seconds, 0.001))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self.timeout = seconds
+
+    def close(self) -> None:
+        """Shut the socket down (waking any thread blocked on it) and close it."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    def exchange(self, request: bytes, body: bytes | None, timeout: float) -> Message:
+        """Send one request and read its response (raises OSError, FramingError, TimeoutError)."""
+        sock = self.sock
+        if timeout != self.timeout:
+            self.set_timeout(timeout)
+        if body is None:
+            sock.sendall(request)
+        else:
+            sock.sendall(request)
+            sock.sendall(body)
+        reader = self.reader
+        msg = reader.next_message()
+        if msg is not None:  # left over from an earlier exchange: the peer broke the protocol
+            raise FramingError("unsolicited response")
+        deadline = 0.0
+        while True:
+            sink = reader.body_sink()
+            if sink is not None:
+                n = sock.recv_into(sink)
+                if not n:
+                    raise FramingError("connection closed in the middle of a message")
+                reader.sink_filled(n)
+            else:
+                data = sock.recv(_RECV)
+                if not data:
+                    msg = reader.feed_eof()
+                    if msg is None:
+                        raise ConnectionResetError("the plugin closed the connection")
+                    return msg
+                reader.feed(data)
+            msg = reader.next_message()
+            if msg is not None:
+                return msg
+            # Each recv is bounded by SO_RCVTIMEO; this bounds a response that trickles in.
+            if timeout <= 0:
+                continue
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + timeout
+            elif now > deadline:
+                raise TimeoutError("response not complete within the timeout")
+
+
+class PluginClient:
+    """Calls to one plugin over a pool of persistent connections."""
+
+    def __init__(
+        self,
+        conf: PluginConf,
+        transport: Transport,
+        settings: ClientSettings,
+        user_agent: bytes = b"goplug/0.1",
+    ) -> None:
+        self.conf = conf
+        self._transport = transport
+        self._settings = settings
+        self._idle: deque[Connection] = deque()
+        self._busy: set[Connection] = set()
+        self._closed = False
+        self._host = conf.host.encode("ascii")
+        self._path = conf.path_prefix.encode("ascii")
+        self._agent = user_agent
+        self._prefixes: dict[str, bytes] = {}
+
+    # -- the call path -------------------------------------------------------------------------
+
+    def call(
+        self, route: str, data: bytes, timeout: float | None = None, extra_headers: bytes = b""
+    ) -> Message:
+        """Send one request and return the response (any status); raise typed errors."""
+        if timeout is None:
+            timeout = self._settings.call_timeout
+        prefix = self._prefixes.get(route) if not extra_headers else None
+        if prefix is None:
+            prefix = self._prefix(route, extra_headers)
+        n = len(data)
+        if n < 65536:
+            request, body = b"%s%d\r\n\r\n%s" % (prefix, n, data), None
+        else:
+            request, body = b"%s%d\r\n\r\n" % (prefix, n), data
+        conn = self._acquire()
+        busy = self._busy
+        busy.add(conn)
+        try:
+            msg = conn.exchange(request, body, timeout)
+        except (BlockingIOError, TimeoutError, socket.timeout):
+            busy.discard(conn)
+            conn.close()
+            raise CallTimeout(
+                f"{self._label}: /{route} did not answer within {timeout:g} s"
+            ) from None
+        except FramingError as exc:
+            busy.discard(conn)
+            conn.close()
+            if self._closed:
+                raise RegistryClosed("the registry was closed during the call") from None
+            if "closed in the middle" in str(exc):
+                raise PluginConnectionError(f"{self._label}: /{route}: {exc}") from None
+            raise ProtocolError(f"{self._label}: /{route}: {exc}") from None
+        except OSError as exc:
+            busy.discard(conn)
+            conn.close()
+            if self._closed:
+                raise RegistryClosed("the registry was closed during the call") from None
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise PluginConnectionError(
+                f"{self._label}: connection lost during /{route}: {reason}"
+            ) from None
+        busy.discard(conn)
+        conn.idle_sweeps = 0
+        if msg.keep_alive and not self._closed:
+            self._idle.append(conn)
+        else:
+            conn.close()
+        return msg
+
+    def request(self, route: str, data: bytes, timeout: float | None = None) -> bytes:
+        """Call ``route`` and return the body of a 200 answer; raise the typed error otherwise."""
+        msg = self.call(route, data, timeout)
+        if msg.status == 200:
+            return msg.body
+        raise routes.error_from_response(msg, route)
+
+    def _prefix(self, route: str, extra_headers: bytes) -> bytes:
+        path = self._path + b"/" + route.encode("utf-8").replace(b"%", b"%25").replace(b" ", b"%20")
+        prefix = b"POST %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\n%sContent-Length: " % (
+            path,
+            self._host,
+            self._agent,
+            extra_headers,
+        )
+        if not extra_headers and len(self._prefixes) < 1024:
+            self._prefixes[route] = prefix
+        return prefix
+
+    def _acquire(self) -> Connection:
+        if self._closed:
+            raise RegistryClosed(f"{self._label}: the connection pool is closed")
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self.connect()
+
+    def connect(self) -> Connection:
+        """Open a new connection to the plugin (not pooled until used)."""
+        sock = self._transport.connect(self.conf.sock, self._settings.connect_timeout)
+        return Connection(sock, self._settings.limits)
+
+    @property
+    def _label(self) -> str:
+        conf = self.conf
+        return f"{conf.name}@{conf.namespace}" if conf.namespace else conf.name
+
+    # -- health --------------------------------------------------------------------------------
+
+    def sweep(self) -> bool:
+        """Check the idle connections; return False if the plugin's end has gone away.
+
+        A connection the plugin closed reads as end-of-file without blocking; one unused for
+        longer than ``pool_idle`` sweeps' worth of time is closed by us.
+        """
+        healthy = True
+        count = len(self._idle)
+        for _ in range(count):
+            try:
+                conn = self._idle.popleft()
+            except IndexError:
+                break
+            try:
+                peeked = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                peeked = None
+            except OSError:
+                peeked = b""
+            if peeked is not None:  # EOF, or bytes nobody asked for: this connection is done
+                conn.close()
+                healthy = healthy and peeked != b""
+                continue
+            conn.idle_sweeps += 1
+            self._idle.append(conn)
+        return healthy
+
+    def expire_idle(self, max_sweeps: int) -> None:
+        """Close idle connections that stayed unused for ``max_sweeps`` sweeps (keep one)."""
+        for _ in range(len(self._idle) - 1):
+            conn = self._idle[0]
+            if conn.idle_sweeps < max_sweeps:
+                break
+            with contextlib.suppress(IndexError):
+                self._idle.popleft().close()
+
+    def close(self) -> None:
+        """Close every connection, waking calls in flight (they raise RegistryClosed)."""
+        self._closed = True
+        while self._idle:
+            with contextlib.suppress(IndexError):
+                self._idle.pop().close()
+        for conn in list(self._busy):
+            conn.close()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections currently open (idle and busy)."""
+        return len(self._idle) + len(self._busy)
+
+
+class Subscription:
+    """One callback: a thread long-polling the plugin and handing each notification to ``fn``.
+
+    Uses the reliable subscription extension (docs/PROTOCOL.md §5): every notification is
+    delivered once, in order, across cut connections and re-subscriptions; with a GoPlug plugin
+    it falls back to the original one-at-a-time polling.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[bytes], object],
+        client_of: Callable[[], PluginClient | None],
+        settings: ClientSettings,
+        on_broken: Callable[[], None],
+    ) -> None:
+        self.name = name
+        self.fn = fn
+        self.token = secrets.token_urlsafe(12)
+        self.delivered = 0
+        self._ack = 0
+        self._client_of = client_of
+        self._settings = settings
+        self._on_broken = on_broken
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._conn: Connection | None = None
+        self._conn_lock = threading.Lock()
+        self._body = routes_json(name)
+        self._thread = threading.Thread(target=self._run, name=f"goplug-callback-{name}", daemon=True)
+
+    def start(self) -> None:
+        """Start polling."""
+        self._thread.start()
+
+    def kick(self) -> None:
+        """Retry at once (the plugin was just reloaded) instead of waiting out the backoff."""
+        self._wake.set()
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop polling and wait (up to ``timeout``) for the thread to end."""
+        self._stop.set()
+        self._wake.set()
+        with self._conn_lock:
+            if self._conn is not None:
+                self._conn.close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """True while the polling thread runs."""
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        delay = 0.01
+        while not self._stop.is_set():
+            client = self._client_of()
+            if client is None:
+                self._wait(delay)
+                delay = min(delay * 2, self._settings.resubscribe_max_delay)
+                continue
+            try:
+                conn = client.connect()
+            except GoPlugError:
+                self._wait(delay)
+                delay = min(delay * 2, self._settings.resubscribe_max_delay)
+                continue
+            with self._conn_lock:
+                if self._stop.is_set():
+                    conn.close()
+                    return
+                self._conn = conn
+            try:
+                self._poll_loop(client, conn)
+                delay = 0.01
+            except (OSError, FramingError, ProtocolError) as exc:
+                if self._stop.is_set():
+                    break
+                log.info("callback %r: poll cut (%s); re-subscribing", self.name, exc)
+                self._on_broken()
+                self._wait(delay)
+                delay = min(delay * 2, self._settings.resubscribe_max_delay)
+            finally:
+                with self._conn_lock:
+                    self._conn = None
+                conn.close()
+
+    def _wait(self, delay: float) -> None:
+        self._wake.wait(delay)
+        self._wake.clear()
+
+    def _poll_loop(self, client: PluginClient, conn: Connection) -> None:
+        # Long polls wait as long as they must: no receive timeout.
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
+        conn.timeout = 0.0
+        while not self._stop.is_set():
+            extra = b"X-Goplug-Subscriber: %s\r\nX-Goplug-Ack: %d\r\n" % (
+                self.token.encode(),
+                self._ack,
+            )
+            request = client._prefix(routes.REGISTER_CALLBACK, extra)
+            msg = conn.exchange(
+                b"%s%d\r\n\r\n%s" % (request, len(self._body), self._body), None, 0.0
+            )
+            if msg.status != 200:
+                raise routes.error_from_response(msg, routes.REGISTER_CALLBACK)
+            seq_text = msg.header(routes.SEQ_HEADER)
+            if seq_text:
+                count_text = msg.header(routes.COUNT_HEADER, b"1")
+                if not seq_text.isdigit() or not count_text.isdigit():
+                    raise ProtocolError("bad X-Goplug-Seq or X-Goplug-Count")
+                first = int(seq_text)
+                if first <= self._ack:
+                    # A plugin answers only what follows the acknowledged number, so a lower one
+                    # means its numbering restarted (a new process, or an expired subscription).
+                    self._ack = first - 1
+                for offset, item in enumerate(routes.decode_batch(msg.body, int(count_text))):
+                    seq = first + offset
+                    if seq <= self._ack:
+                        continue  # sent again after a cut: already delivered
+                    self._ack = seq
+                    self._deliver(item)
+            else:
+                self._deliver(msg.body)
+            if not msg.keep_alive:
+                return
+
+    def _deliver(self, data: bytes) -> None:
+        if self._stop.is_set():
+            return
+        self.delivered += 1
+        try:
+            self.fn(data)
+        except Exception:
+            log.exception("callback %r raised; delivery goes on", self.name)
+
+
+def routes_json(name: str) -> bytes:
+    """Encode a callback name as the JSON string `/RegisterCallback` carries."""
+    import json
+
+    return json.dumps(name).encode("utf-8")

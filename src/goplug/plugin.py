@@ -1,0 +1,257 @@
+"""The plugin side: :class:`Plugin` serves methods to any registry that discovers it."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType, TracebackType
+from typing import overload
+
+from goplug.callbacks import CallbackHub, CallbackSettings
+from goplug.errors import ConfigError, GoPlugError
+from goplug.server import MethodFunc, Server, ServerSettings
+from goplug.transport import Transport, UnixTransport, socket_path_for
+from goplug.wire import routes
+from goplug.wire.pconf import (
+    PROTOCOL_VERSION,
+    PluginConf,
+    check_name,
+    default_url,
+    dump_pconf,
+    file_stem,
+    write_atomically,
+)
+
+__all__ = ["Plugin", "PluginSettings", "serve"]
+
+log = logging.getLogger("goplug.plugin")
+
+F = Callable[[bytes], object]
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    """Limits, timeouts and access control of a plugin (defaults in docs/RELIABILITY.md)."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    callbacks: CallbackSettings = field(default_factory=CallbackSettings)
+    conf_ext: str = ".pconf"
+    backlog: int = 128
+
+
+class _Phase(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Plugin:
+    """A plugin: methods served on a Unix socket, announced by a `.pconf` file in ``location``.
+
+    >>> plugin = Plugin("plugins", "Do", "Test")
+    >>> @plugin.method
+    ... def Do(data: bytes) -> bytes:
+    ...     return data.upper()
+    """
+
+    def __init__(
+        self,
+        location: str | os.PathLike[str],
+        name: str,
+        namespace: str = "",
+        url: str | None = None,
+        lazy_load: bool = False,
+        activator: Callable[[bytes], bytes | None] | None = None,
+        stopper: Callable[[bytes], bytes | None] | None = None,
+        *,
+        settings: PluginSettings | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        check_name(name, "name", plugin_side=True)
+        check_name(namespace, "namespace", plugin_side=True)
+        self.location = os.path.abspath(os.fspath(location))
+        self.name = name
+        self.namespace = namespace
+        self.url = url or default_url(name, namespace)
+        self.lazy_load = lazy_load
+        self.activator = activator
+        self.stopper = stopper
+        self.settings = settings or PluginSettings()
+        self._transport = transport or UnixTransport()
+        self._methods: dict[str, MethodFunc] = {}
+        self._hub = CallbackHub(self.settings.callbacks)
+        self._server: Server | None = None
+        self._phase = _Phase.NEW
+        self._lock = threading.Lock()
+        stem = file_stem(name, namespace)
+        self.pconf_path = os.path.join(self.location, stem + self.settings.conf_ext)
+        """Where the plugin announces itself."""
+        self.sock_path = ""
+        """The socket it listens on (set by :meth:`start`; may be a short path, see PROTOCOL.md)."""
+
+    # -- methods -------------------------------------------------------------------------------
+
+    def register_method(self, fn: F, name: str | None = None) -> None:
+        """Serve ``fn`` (``bytes -> bytes``, plain or ``async def``) as ``name`` (default: its name)."""
+        method_name = name or getattr(fn, "__name__", "")
+        if not method_name or "/" in method_name or method_name in routes.RESERVED:
+            raise ConfigError(f"invalid method name {method_name!r}")
+        if self._phase is _Phase.RUNNING:
+            raise GoPlugError("register methods before start(): registries read them at load time")
+        self._methods[method_name] = fn  # type: ignore[assignment]
+
+    @overload
+    def method(self, fn: F, /) -> F: ...
+
+    @overload
+    def method(self, name: str, /) -> Callable[[F], F]: ...
+
+    def method(self, fn_or_name: F | str, /) -> F | Callable[[F], F]:
+        """Decorator form of :meth:`register_method`: ``@plugin.method`` or ``@plugin.method("Name")``."""
+        if isinstance(fn_or_name, str):
+            given = fn_or_name
+
+            def decorate(fn: F) -> F:
+                self.register_method(fn, given)
+                return fn
+
+            return decorate
+        self.register_method(fn_or_name)
+        return fn_or_name
+
+    @property
+    def methods(self) -> list[str]:
+        """Names of the registered methods."""
+        return list(self._methods)
+
+    # -- callbacks -----------------------------------------------------------------------------
+
+    @property
+    def callbacks(self) -> list[str]:
+        """Callback names that applications have currently registered."""
+        return self._hub.names()
+
+    def notify(self, name: str, data: bytes = b"", *, timeout: float | None = None) -> int:
+        """Send ``data`` to every application that registered the callback ``name``.
+
+        Returns the number of subscribers. Raises CallbackNotFound if there is none, and
+        NotifyTimeout if a subscriber's queue stayed full for ``timeout`` seconds.
+        """
+        return self._hub.notify(name, data, timeout)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._phase is _Phase.RUNNING
+
+    def start(self) -> None:
+        """Listen on the socket, then publish the `.pconf` so registries can discover it."""
+        with self._lock:
+            if self._phase is not _Phase.NEW:
+                raise GoPlugError(f"plugin {self.label} was already started")
+            if not os.path.isdir(self.location):
+                os.makedirs(self.location, mode=0o700, exist_ok=True)
+            stem = file_stem(self.name, self.namespace)
+            self.sock_path = socket_path_for(os.path.join(self.location, stem + ".sock"))
+            listener = self._transport.listen(self.sock_path, self.settings.backlog)
+            prefix = self.url.split("://", 1)[-1].partition("/")[2]
+            server = Server(
+                listener,
+                self._methods,
+                self._hub,
+                self.activator,
+                self.stopper,
+                "/" + prefix.rstrip("/") if prefix else "",
+                self.settings.server,
+                self.label,
+            )
+            server.start()
+            self._server = server
+            conf = PluginConf(
+                name=self.name,
+                namespace=self.namespace,
+                url=self.url,
+                sock=self.sock_path,
+                lazy_load=self.lazy_load,
+                pid=os.getpid(),
+                protocol=PROTOCOL_VERSION,
+            )
+            try:
+                write_atomically(self.pconf_path, dump_pconf(conf))
+            except OSError:
+                server.close()
+                self._transport.unlink(self.sock_path)
+                raise
+            self._phase = _Phase.RUNNING
+        log.info("plugin %s listening on %s", self.label, self.sock_path)
+
+    def stop(self) -> None:
+        """Withdraw the `.pconf`, close the socket and remove the socket file."""
+        with self._lock:
+            if self._phase is not _Phase.RUNNING:
+                self._phase = _Phase.STOPPED
+                return
+            self._phase = _Phase.STOPPED
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.pconf_path)
+            if self._server is not None:
+                self._server.close()
+            self._transport.unlink(self.sock_path)
+        log.info("plugin %s stopped", self.label)
+
+    def serve_forever(self) -> None:
+        """Start (if needed), block until SIGINT or SIGTERM, then stop cleanly."""
+        serve(self)
+
+    @property
+    def label(self) -> str:
+        """``name@namespace`` (or ``name``), for messages."""
+        return file_stem(self.name, self.namespace)
+
+    def __enter__(self) -> Plugin:
+        if self._phase is _Phase.NEW:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<Plugin {self.label} {self._phase.value}>"
+
+
+def serve(*plugins: Plugin) -> None:
+    """Start every plugin, block until SIGINT or SIGTERM, then stop them all.
+
+    One process may host many plugins, each with its own socket and `.pconf`.
+    """
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for plugin in plugins:
+            if not plugin.running:
+                plugin.start()
+        while not stop.wait(3600):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for plugin in plugins:
+            plugin.stop()

@@ -1,0 +1,545 @@
+"""The application side: :class:`PluginRegistry` discovers, loads, calls and unloads plugins."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal
+
+from goplug.client import ClientSettings, PluginClient, Subscription
+from goplug.discovery import DirectoryDiscovery
+from goplug.errors import (
+    ConfigError,
+    GoPlugError,
+    PluginAlreadyLoaded,
+    PluginConnectionError,
+    PluginNotDiscovered,
+    PluginNotLoaded,
+    RegistryClosed,
+)
+from goplug.transport import Transport, UnixTransport, check_owner
+from goplug.wire import routes
+from goplug.wire.pconf import MAX_PCONF_BYTES, PluginConf, file_stem, parse_pconf
+
+__all__ = [
+    "PluginEvent",
+    "PluginHandle",
+    "PluginRegistry",
+    "PluginState",
+    "RegistrySettings",
+]
+
+log = logging.getLogger("goplug.registry")
+
+_PING_DATA = b"Test Data"
+
+
+class PluginState(enum.Enum):
+    """The three states of GoPlug's lifecycle."""
+
+    STOPPED = "stopped"
+    """Not announced, or lost (its file went away, or nobody answers on its socket)."""
+    DISCOVERED = "discovered"
+    """Announced and ready to load."""
+    LOADED = "loaded"
+    """Activated: methods can be called."""
+
+
+EventKind = Literal["discovered", "loaded", "unloaded", "lost"]
+
+
+@dataclass(frozen=True)
+class PluginEvent:
+    """What a registry listener receives."""
+
+    kind: EventKind
+    name: str
+    namespace: str
+    handle: PluginHandle
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """Timeouts, limits and access control of a registry (defaults in docs/RELIABILITY.md)."""
+
+    client: ClientSettings = field(default_factory=ClientSettings)
+    allowed_uids: frozenset[int] | None = None
+    """Owners a `.pconf` and its socket may have; None means only this process's uid."""
+    health_interval: float = 0.5
+    """How often idle connections are checked for a plugin that went away (seconds)."""
+    use_inotify: bool = True
+    """Watch the directory with inotify (watchfiles); False polls it."""
+    poll_interval: float = 0.1
+    """Polling period when inotify is not used (seconds)."""
+
+
+class PluginHandle:
+    """The application's handle on one plugin, kept across unloads, losses and reloads."""
+
+    def __init__(self, registry: PluginRegistry, name: str, namespace: str) -> None:
+        self._registry = registry
+        self.name = name
+        """The plugin's name."""
+        self.namespace = namespace
+        """The plugin's namespace ('' if none)."""
+        self.state = PluginState.STOPPED
+        """Where the plugin is in its lifecycle."""
+        self.methods: list[str] = []
+        """Method names the plugin announced when it was loaded."""
+        self.activation_output = b""
+        """Bytes the plugin's activator returned at the last load."""
+        self.conf: PluginConf | None = None
+        """The announce file this plugin was last discovered from."""
+        self._client: PluginClient | None = None
+        self._subscriptions: list[Subscription] = []
+
+    @property
+    def label(self) -> str:
+        """``name@namespace`` (or ``name``)."""
+        return file_stem(self.name, self.namespace)
+
+    def execute(self, method: str, data: bytes = b"", *, timeout: float | None = None) -> bytes:
+        """Call ``method`` with ``data`` and return its output.
+
+        Raises MethodNotFound, RemoteError (the method raised), CallTimeout,
+        PluginConnectionError (the plugin went away) or PluginNotLoaded.
+        """
+        client = self._client
+        if client is None:
+            raise PluginNotLoaded(f"plugin {self.label} is not loaded ({self.state.value})")
+        try:
+            msg = client.call(method, data, timeout)
+        except PluginConnectionError:
+            self._registry._check_alive(self, client)
+            raise
+        if msg.status == 200:
+            return msg.body
+        raise routes.error_from_response(msg, method)
+
+    def ping(self, *, timeout: float | None = None) -> float:
+        """Check the plugin answers; return the round-trip time in seconds."""
+        client = self._client
+        if client is None:
+            raise PluginNotLoaded(f"plugin {self.label} is not loaded ({self.state.value})")
+        started = time.perf_counter()
+        try:
+            body = client.request(
+                routes.PING, _PING_DATA, timeout or self._registry.settings.client.ping_timeout
+            )
+        except PluginConnectionError:
+            self._registry._check_alive(self, client)
+            raise
+        if body != _PING_DATA:
+            raise PluginConnectionError(f"plugin {self.label} answered the ping with other bytes")
+        return time.perf_counter() - started
+
+    def register_callback(
+        self, fn: Callable[[bytes], object], name: str | None = None
+    ) -> Subscription:
+        """Deliver every ``notify(name, ...)`` of the plugin to ``fn(bytes)``, in order.
+
+        ``fn`` runs on a thread of its own (one per callback); an exception it raises is logged
+        and delivery goes on. The subscription survives reloads and ends on unload or close.
+        """
+        cb_name = name or getattr(fn, "__name__", "")
+        if not cb_name:
+            raise ConfigError("a callback needs a name")
+        if self._client is None:
+            raise PluginNotLoaded(f"plugin {self.label} is not loaded ({self.state.value})")
+        sub = Subscription(
+            cb_name,
+            fn,
+            lambda: self._client,
+            self._registry.settings.client,
+            lambda: self._registry._check_alive(self, self._client),
+        )
+        self._subscriptions.append(sub)
+        sub.start()
+        return sub
+
+    @property
+    def callbacks(self) -> list[str]:
+        """Names of the callbacks registered through this handle."""
+        return [sub.name for sub in self._subscriptions]
+
+    def __repr__(self) -> str:
+        return f"<PluginHandle {self.label} {self.state.value}>"
+
+
+class PluginRegistry:
+    """Discovers plugins announced in ``location`` and manages their lifecycle.
+
+    With ``auto_discover`` the directory is watched: new plugins are discovered within
+    milliseconds and loaded at once unless they ask for lazy loading. Without it, plugins are
+    found when :meth:`load_plugin` asks for them.
+    """
+
+    def __init__(
+        self,
+        location: str | os.PathLike[str],
+        auto_discover: bool = True,
+        conf_ext: str = ".pconf",
+        *,
+        settings: RegistrySettings | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self.location = os.path.abspath(os.fspath(location))
+        self.conf_ext = conf_ext or ".pconf"
+        self.auto_discover = auto_discover
+        self.settings = settings or RegistrySettings()
+        self._allowed = self.settings.allowed_uids or frozenset({os.getuid()})
+        self._transport = transport or UnixTransport()
+        self._lock = threading.RLock()
+        self._handles: dict[tuple[str, str], PluginHandle] = {}
+        self._files: dict[str, tuple[str, str]] = {}  # .pconf path -> identity
+        self._broken: dict[str, ConfigError] = {}  # .pconf path -> why it was refused
+        self._listeners: list[Callable[[PluginEvent], object]] = []
+        self._closed = False
+        self._loader: ThreadPoolExecutor | None = None
+        if not os.path.isdir(self.location):
+            os.makedirs(self.location, mode=0o700, exist_ok=True)
+        self._discovery = DirectoryDiscovery(
+            self.location,
+            self.conf_ext,
+            self._on_files,
+            on_tick=self._health_check,
+            tick_interval=self.settings.health_interval,
+            poll_interval=self.settings.poll_interval,
+            use_inotify=self.settings.use_inotify,
+        )
+        if auto_discover:
+            self._discovery.start()
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def get_plugin(self, name: str, namespace: str = "") -> PluginHandle | None:
+        """Return the handle of a loaded plugin, or None."""
+        handle = self._handles.get((namespace, name))
+        return handle if handle is not None and handle.state is PluginState.LOADED else None
+
+    def is_discovered(self, name: str, namespace: str = "") -> bool:
+        """Tell whether the plugin is announced (discovered or loaded)."""
+        handle = self._handles.get((namespace, name))
+        return handle is not None and handle.state is not PluginState.STOPPED
+
+    def is_loaded(self, name: str, namespace: str = "") -> bool:
+        """Tell whether the plugin is loaded."""
+        return self.get_plugin(name, namespace) is not None
+
+    def discovered(self) -> list[PluginHandle]:
+        """Handles of every announced plugin (discovered or loaded), sorted by identity."""
+        with self._lock:
+            return [
+                h for _, h in sorted(self._handles.items()) if h.state is not PluginState.STOPPED
+            ]
+
+    def loaded(self) -> list[PluginHandle]:
+        """Handles of every loaded plugin, sorted by identity."""
+        with self._lock:
+            return [h for _, h in sorted(self._handles.items()) if h.state is PluginState.LOADED]
+
+    def broken(self) -> dict[str, ConfigError]:
+        """Announce files that were refused, with the reason."""
+        with self._lock:
+            return dict(self._broken)
+
+    def add_listener(self, fn: Callable[[PluginEvent], object]) -> None:
+        """Call ``fn(event)`` for every discovered / loaded / unloaded / lost event."""
+        with self._lock:
+            self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[PluginEvent], object]) -> None:
+        """Stop calling ``fn``."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._listeners.remove(fn)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def load_plugin(self, name: str, namespace: str = "") -> PluginHandle:
+        """Connect to a discovered plugin and activate it; return its handle.
+
+        Without auto discovery the directory is searched first. Raises PluginNotDiscovered,
+        ConfigError (its announce file is invalid), PluginAlreadyLoaded or
+        PluginConnectionError.
+        """
+        self._check_open()
+        identity = (namespace, name)
+        handle = self._handles.get(identity)
+        if handle is None or handle.state is PluginState.STOPPED:
+            self._discovery.scan()
+            handle = self._handles.get(identity)
+        if handle is None or handle.state is PluginState.STOPPED:
+            error = self._broken_file_for(name, namespace)
+            if error is not None:
+                raise error
+            raise PluginNotDiscovered(
+                f"no plugin {file_stem(name, namespace)} announced in {self.location}"
+            )
+        if handle.state is PluginState.LOADED:
+            raise PluginAlreadyLoaded(f"plugin {handle.label} is already loaded")
+        self._load(handle)
+        return handle
+
+    def unload_plugin(self, handle: PluginHandle) -> None:
+        """End the handle's callbacks, send `/Stop`, disconnect; the plugin stays discovered."""
+        with self._lock:
+            if handle.state is not PluginState.LOADED:
+                raise PluginNotLoaded(f"plugin {handle.label} is not loaded")
+            client = handle._client
+            handle._client = None
+            handle.state = PluginState.DISCOVERED
+            subs, handle._subscriptions = handle._subscriptions, []
+        for sub in subs:
+            sub.close()
+        if client is not None:
+            timeout = self.settings.client.activate_timeout
+            for sub in subs:
+                with contextlib.suppress(GoPlugError):
+                    extra = b"X-Goplug-Subscriber: %s\r\n" % sub.token.encode()
+                    client.call(routes.UNSUBSCRIBE, _json_name(sub.name), timeout, extra)
+            try:
+                client.request(routes.STOP, b"", timeout)
+            except PluginConnectionError:
+                pass  # GoPlug's example plugin exits on /Stop before answering
+            except GoPlugError as exc:
+                log.warning("plugin %s: /Stop failed: %s", handle.label, exc)
+            client.close()
+        self._emit("unloaded", handle)
+
+    def stop(self) -> None:
+        """End discovery (loaded plugins stay loaded)."""
+        self._discovery.stop()
+
+    def wait_for_stop(self, timeout: float | None = None) -> bool:
+        """Wait until discovery has ended; return False on timeout."""
+        return self._discovery.join(timeout)
+
+    def close(self) -> None:
+        """End discovery and disconnect from every plugin, callbacks included.
+
+        Plugins keep running (the registry did not start them). Calls in flight raise
+        RegistryClosed. Returns within about a second.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            handles = list(self._handles.values())
+        self._discovery.stop()
+        subs: list[Subscription] = []
+        for handle in handles:
+            with self._lock:
+                client, handle._client = handle._client, None
+                subs.extend(handle._subscriptions)
+                handle._subscriptions = []
+                if handle.state is PluginState.LOADED:
+                    handle.state = PluginState.DISCOVERED
+            if client is not None:
+                client.close()
+        for sub in subs:
+            sub.close(timeout=0)
+        deadline = time.monotonic() + 0.9
+        for sub in subs:
+            sub.close(timeout=max(0.0, deadline - time.monotonic()))
+        if self._loader is not None:
+            self._loader.shutdown(wait=False, cancel_futures=True)
+        self._discovery.join(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self) -> PluginRegistry:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[PluginHandle]:
+        return iter(self.loaded())
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RegistryClosed("the registry is closed")
+
+    def _emit(self, kind: EventKind, handle: PluginHandle, reason: str = "") -> None:
+        event = PluginEvent(kind, handle.name, handle.namespace, handle, reason)
+        with self._lock:
+            listeners = list(self._listeners)
+        for fn in listeners:
+            try:
+                fn(event)
+            except Exception:
+                log.exception("registry listener raised on %s event", kind)
+
+    def _read_conf(self, path: str) -> PluginConf:
+        check_owner(path, self._allowed, "announce file", want_socket=False)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            raise ConfigError(f"cannot open: {exc.strerror}", path) from None
+        try:
+            data = os.read(fd, MAX_PCONF_BYTES + 1)
+        finally:
+            os.close(fd)
+        return parse_pconf(data, path)
+
+    def _on_files(self, changed: list[str], removed: list[str]) -> None:
+        for path in removed:
+            with self._lock:
+                self._broken.pop(path, None)
+                identity = self._files.pop(path, None)
+                handle = self._handles.get(identity) if identity else None
+            if handle is not None and handle.conf is not None and handle.conf.path == path:
+                self._lose(handle, f"{os.path.basename(path)} was removed")
+        for path in changed:
+            try:
+                conf = self._read_conf(path)
+            except ConfigError as exc:
+                with self._lock:
+                    first = path not in self._broken or str(self._broken[path]) != str(exc)
+                    self._broken[path] = exc
+                if first:
+                    log.warning("skipping plugin announce file: %s", exc)
+                continue
+            self._announce(path, conf)
+
+    def _announce(self, path: str, conf: PluginConf) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._broken.pop(path, None)
+            old_identity = self._files.get(path)
+            self._files[path] = conf.identity
+            handle = self._handles.get(conf.identity)
+            if handle is None:
+                handle = self._handles[conf.identity] = PluginHandle(self, conf.name, conf.namespace)
+            previous, handle.conf = handle.conf, conf
+            state = handle.state
+        if old_identity is not None and old_identity != conf.identity:
+            old = self._handles.get(old_identity)
+            if old is not None:
+                self._lose(old, f"{os.path.basename(path)} now announces another plugin")
+        if state is PluginState.LOADED:
+            client = handle._client
+            same = previous is not None and _same_endpoint(previous, conf)
+            if same and client is not None and client.sweep():
+                return  # the same live plugin rewrote its file
+            self._lose(handle, "the plugin announced itself anew")
+        elif state is PluginState.DISCOVERED:
+            return
+        with self._lock:
+            handle.state = PluginState.DISCOVERED
+        self._emit("discovered", handle)
+        if not conf.lazy_load and self.auto_discover:
+            self._schedule_load(handle)
+
+    def _schedule_load(self, handle: PluginHandle) -> None:
+        def run() -> None:
+            try:
+                self._load(handle)
+            except GoPlugError as exc:
+                log.warning("could not load plugin %s: %s", handle.label, exc)
+
+        with self._lock:
+            if self._closed:
+                return
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(4, thread_name_prefix="goplug-load")
+            self._loader.submit(run)
+
+    def _load(self, handle: PluginHandle) -> None:
+        with self._lock:
+            self._check_open()
+            conf = handle.conf
+            if handle.state is not PluginState.DISCOVERED or conf is None:
+                if handle.state is PluginState.LOADED:
+                    raise PluginAlreadyLoaded(f"plugin {handle.label} is already loaded")
+                raise PluginNotDiscovered(f"plugin {handle.label} is not discovered")
+        check_owner(conf.sock, self._allowed, f"socket of {handle.label}", want_socket=True)
+        client = PluginClient(conf, self._transport, self.settings.client)
+        try:
+            body = client.request(routes.ACTIVATE, b"", self.settings.client.activate_timeout)
+            methods, extra = routes.parse_activation(body)
+        except GoPlugError:
+            client.close()
+            raise
+        with self._lock:
+            if self._closed or handle.state is not PluginState.DISCOVERED or handle.conf is not conf:
+                client.close()
+                if self._closed:
+                    raise RegistryClosed("the registry was closed while loading")
+                raise PluginConnectionError(f"plugin {handle.label} changed while loading")
+            handle.methods = methods
+            handle.activation_output = extra
+            handle._client = client
+            handle.state = PluginState.LOADED
+            subs = list(handle._subscriptions)
+        for sub in subs:
+            sub.kick()
+        log.info("loaded plugin %s (%d methods)", handle.label, len(methods))
+        self._emit("loaded", handle)
+
+    def _lose(self, handle: PluginHandle, reason: str) -> None:
+        with self._lock:
+            if handle.state is PluginState.STOPPED:
+                return
+            client, handle._client = handle._client, None
+            handle.state = PluginState.STOPPED
+        if client is not None:
+            client.close()
+        log.info("lost plugin %s: %s", handle.label, reason)
+        self._emit("lost", handle, reason)
+
+    def _check_alive(self, handle: PluginHandle, client: PluginClient | None) -> None:
+        """After a connection failure: if nobody listens on the socket, the plugin is lost."""
+        if client is None or handle._client is not client or self._closed:
+            return
+        try:
+            client.connect().close()
+        except PluginConnectionError as exc:
+            self._lose(handle, str(exc))
+
+    def _health_check(self) -> None:
+        with self._lock:
+            loaded = [
+                (h, h._client) for h in self._handles.values() if h.state is PluginState.LOADED
+            ]
+        max_sweeps = max(1, int(self.settings.client.pool_idle / self.settings.health_interval))
+        for handle, client in loaded:
+            if client is None:
+                continue
+            if not client.sweep():
+                self._check_alive(handle, client)
+            client.expire_idle(max_sweeps)
+
+    def _broken_file_for(self, name: str, namespace: str) -> ConfigError | None:
+        stems = {file_stem(name, namespace), namespace + name, name}
+        with self._lock:
+            for path, error in self._broken.items():
+                base = os.path.basename(path)[: -len(self.conf_ext)]
+                if base in stems:
+                    return error
+        return None
+
+
+def _same_endpoint(a: PluginConf, b: PluginConf) -> bool:
+    return (a.sock, a.url, a.pid) == (b.sock, b.url, b.pid)
+
+
+def _json_name(name: str) -> bytes:
+    import json
+
+    return json.dumps(name).encode("utf-8")

@@ -1,0 +1,359 @@
+"""Plugin side of the wire: accept connections, read requests, dispatch routes, answer.
+
+One thread per connection, blocking sockets and the sans-IO reader: on these machines that
+answers a small call in about the time a raw socket round trip takes, where an event loop costs
+several times more. A slow method holds only its own connection. ``async def`` methods run on one
+event loop thread shared by the process, so they never block a connection thread's peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from goplug.callbacks import CallbackHub
+from goplug.errors import GoPlugError, ProtocolError
+from goplug.transport import peer_uid
+from goplug.wire import routes
+from goplug.wire.http import FramingError, Limits, Message, MessageReader, response_head
+
+__all__ = ["MethodFunc", "Server", "ServerSettings"]
+
+log = logging.getLogger("goplug.server")
+
+MethodFunc = Callable[[bytes], Union[bytes, None, Awaitable[Union[bytes, None]]]]
+
+_OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: "
+_JSON = b"Content-Type: application/json\r\n"
+_RECV = 65536
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Limits and timeouts of a plugin's server."""
+
+    limits: Limits = field(default_factory=Limits)
+    request_timeout: float = 10.0
+    """A request must arrive whole within this many seconds of its first byte (408 otherwise);
+    a connection that sends nothing at all is closed after it too."""
+    idle_timeout: float = 300.0
+    """A connection idle between requests for this long is closed."""
+    max_connections: int = 1024
+    """Connections beyond this get 503 and are closed."""
+    allowed_uids: frozenset[int] | None = None
+    """Peers allowed to connect; None means only the plugin's own uid."""
+
+
+class _AsyncRunner:
+    """One event loop thread per process for ``async def`` methods."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def run(cls, coro: Awaitable[Any]) -> Any:
+        loop = cls._loop
+        if loop is None:
+            with cls._lock:
+                if cls._loop is None:
+                    new_loop = asyncio.new_event_loop()
+                    thread = threading.Thread(
+                        target=new_loop.run_forever, name="goplug-async-methods", daemon=True
+                    )
+                    thread.start()
+                    cls._loop = new_loop
+                loop = cls._loop
+
+        async def wrap() -> Any:
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(wrap(), loop).result()
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+class Server:
+    """Serves one plugin's routes on a listening socket."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        methods: dict[str, MethodFunc],
+        hub: CallbackHub,
+        activator: MethodFunc | None,
+        stopper: MethodFunc | None,
+        url_prefix: str,
+        settings: ServerSettings,
+        label: str,
+    ) -> None:
+        self._listener = listener
+        self._methods = methods
+        self._hub = hub
+        self._activator = activator
+        self._stopper = stopper
+        self._prefix = url_prefix
+        self._settings = settings
+        self._label = label
+        self._allowed = settings.allowed_uids
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closing = False
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name=f"goplug-accept-{label}", daemon=True
+        )
+
+    def start(self) -> None:
+        """Start accepting connections."""
+        self._accept_thread.start()
+
+    def close(self) -> None:
+        """Stop accepting, wake every waiting poll and end every connection."""
+        self._closing = True
+        self._hub.close()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        if self._accept_thread.is_alive() and threading.current_thread() is not self._accept_thread:
+            self._accept_thread.join(timeout=2.0)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        own_uid = None
+        while not self._closing:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                if self._closing:
+                    return
+                log.exception("%s: accept failed", self._label)
+                time.sleep(0.05)  # e.g. EMFILE: give closing connections a moment
+                continue
+            try:
+                uid = peer_uid(conn)
+                if own_uid is None:
+                    import os
+
+                    own_uid = os.getuid()
+                allowed = self._allowed if self._allowed is not None else frozenset({own_uid})
+                if uid is not None and uid not in allowed:
+                    log.warning("%s: refused a connection from uid %s", self._label, uid)
+                    conn.close()
+                    continue
+                with self._lock:
+                    busy = len(self._conns) >= self._settings.max_connections
+                    if not busy:
+                        self._conns.add(conn)
+                if busy:
+                    self._refuse(conn, 503, "ServiceUnavailable", "too many connections")
+                    continue
+                threading.Thread(
+                    target=self._serve, args=(conn,), name=f"goplug-conn-{self._label}", daemon=True
+                ).start()
+            except Exception:
+                log.exception("%s: could not start serving a connection", self._label)
+                conn.close()
+
+    def _refuse(self, conn: socket.socket, status: int, kind: str, message: str) -> None:
+        body = routes.error_body(kind, message)
+        with contextlib.suppress(OSError):
+            conn.sendall(response_head(status, len(body), _JSON) + body)
+        conn.close()
+
+    def _serve(self, conn: socket.socket) -> None:
+        settings = self._settings
+        timeout = settings.request_timeout
+        # A kernel receive/send timeout instead of Python's socket timeout keeps each recv and
+        # send a single system call.
+        tv = _timeval(timeout)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        reader = MessageReader(False, settings.limits)
+        idle_since = time.monotonic()
+        started = 0.0
+        served = 0
+        try:
+            while True:
+                try:
+                    msg = reader.next_message()
+                except FramingError as exc:
+                    self._refuse(conn, exc.status, "ProtocolError", str(exc))
+                    return
+                if msg is None:
+                    sink = reader.body_sink()
+                    try:
+                        if sink is not None:
+                            n = conn.recv_into(sink)
+                            if n:
+                                reader.sink_filled(n)
+                            data = b"" if not n else None
+                        else:
+                            data = conn.recv(_RECV)
+                    except BlockingIOError:  # SO_RCVTIMEO expired
+                        now = time.monotonic()
+                        if reader.in_message:
+                            self._refuse(conn, 408, "RequestTimeout", "the request took too long")
+                            return
+                        if not served or now - idle_since >= settings.idle_timeout:
+                            return
+                        continue
+                    if data is not None:
+                        if not data:
+                            return
+                        reader.feed(data)
+                    if reader.in_message:
+                        now = time.monotonic()
+                        if not started:
+                            started = now
+                        elif now - started > timeout:
+                            self._refuse(conn, 408, "RequestTimeout", "the request took too long")
+                            return
+                    continue
+                started = 0.0
+                if not self._answer(conn, msg):
+                    return
+                served += 1
+                if not msg.keep_alive:
+                    return
+                idle_since = time.monotonic()
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    # -- routes --------------------------------------------------------------------------------
+
+    def _answer(self, conn: socket.socket, msg: Message) -> bool:
+        """Answer one request; return False when the connection must end."""
+        route = routes.route_of(msg.target, self._prefix)
+        method = self._methods.get(route)
+        if method is not None:
+            try:
+                result = method(msg.body)
+                if inspect.isawaitable(result):
+                    result = _AsyncRunner.run(result)
+                body = _as_bytes(result, route)
+            except Exception as exc:
+                return self._send_error(conn, 500, exc)
+            n = len(body)
+            if n < 65536:
+                conn.sendall(b"%s%d\r\n\r\n%s" % (_OK_HEAD, n, body))
+            else:
+                conn.sendall(b"%s%d\r\n\r\n" % (_OK_HEAD, n))
+                conn.sendall(body)
+            return True
+        if route == routes.PING:
+            return self._send(conn, 200, msg.body)
+        if route == routes.REGISTER_CALLBACK:
+            return self._poll(conn, msg)
+        if route == routes.ACTIVATE:
+            try:
+                extra = _as_bytes(self._activator(msg.body), route) if self._activator else b""
+            except Exception as exc:
+                return self._send_error(conn, 500, exc)
+            return self._send(conn, 200, routes.activation_body(self._methods, extra))
+        if route == routes.STOP:
+            try:
+                out = _as_bytes(self._stopper(msg.body), route) if self._stopper else b""
+            except Exception as exc:
+                return self._send_error(conn, 500, exc)
+            return self._send(conn, 200, out)
+        if route == routes.UNSUBSCRIBE:
+            try:
+                name = routes.parse_callback_name(msg.body)
+            except ProtocolError as exc:
+                return self._send_error(conn, 400, exc)
+            token = msg.header(routes.SUBSCRIBER_HEADER)
+            self._hub.unsubscribe(token.decode() if token else None, name)
+            return self._send(conn, 200, b"")
+        if not route:
+            return self._send_error(conn, 400, ProtocolError("empty route"))
+        body = routes.error_body("MethodNotFound", f"no method {route!r}")
+        return self._send(conn, 404, body, _JSON)
+
+    def _poll(self, conn: socket.socket, msg: Message) -> bool:
+        try:
+            name = routes.parse_callback_name(msg.body)
+            token = msg.header(routes.SUBSCRIBER_HEADER) or None
+            if token is not None and not routes.valid_subscriber(token):
+                raise ProtocolError("invalid X-Goplug-Subscriber")
+            ack_text = msg.header(routes.ACK_HEADER, b"0")
+            if not ack_text.isdigit():
+                raise ProtocolError("invalid X-Goplug-Ack")
+        except ProtocolError as exc:
+            return self._send_error(conn, 400, exc)
+
+        def peer_gone() -> bool:
+            try:
+                return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+
+        batch = self._hub.poll(token.decode() if token else None, name, int(ack_text), peer_gone)
+        if batch is None:
+            if self._closing:
+                self._send(conn, 503, routes.error_body("Stopping", "the plugin is stopping"), _JSON)
+            return False
+        if batch.legacy:
+            return self._send(conn, 200, batch.items[0])
+        parts = routes.encode_batch(batch.items)
+        extra = b"X-Goplug-Seq: %d\r\nX-Goplug-Count: %d\r\n" % (batch.first_seq, len(batch.items))
+        body = b"".join(parts)
+        return self._send(conn, 200, body, extra)
+
+    def _send(self, conn: socket.socket, status: int, body: bytes, extra: bytes = b"") -> bool:
+        head = response_head(status, len(body), extra)
+        if len(body) < 65536:
+            conn.sendall(head + body)
+        else:
+            conn.sendall(head)
+            conn.sendall(body)
+        return True
+
+    def _send_error(self, conn: socket.socket, status: int, exc: BaseException) -> bool:
+        if status == 500:
+            log.warning("%s: method raised %s: %s", self._label, _type_name(exc), exc)
+            tb = "".join(traceback.format_exception(exc))
+        else:
+            tb = ""
+        kind = type(exc).__name__ if isinstance(exc, GoPlugError) else _type_name(exc)
+        return self._send(conn, status, routes.error_body(kind, str(exc), tb), _JSON)
+
+
+def _as_bytes(result: object, route: str) -> bytes:
+    if result is None:
+        return b""
+    if isinstance(result, bytes):
+        return result
+    if isinstance(result, bytearray | memoryview):
+        return bytes(result)
+    raise TypeError(f"{route} returned {type(result).__name__}; methods must return bytes or None")
+
+
+def _timeval(seconds: float) -> bytes:
+    import struct
+
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))

@@ -1,0 +1,159 @@
+"""How bytes move between a registry and a plugin: Unix stream sockets today.
+
+This is the only module that knows socket families and addresses. Both sides ask it for a
+listening or a connected socket and then only call ``recv``/``sendall`` on it, so another
+transport (TCP with TLS for plugins on other hosts) means another implementation of
+:class:`Transport`, not a change elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import socket
+import stat
+import struct
+import sys
+import tempfile
+from typing import Protocol
+
+from goplug.errors import ConfigError, PluginAlreadyRunning, PluginConnectionError
+
+__all__ = [
+    "MAX_UNIX_PATH",
+    "Transport",
+    "UnixTransport",
+    "check_owner",
+    "peer_uid",
+    "socket_path_for",
+]
+
+log = logging.getLogger("goplug.transport")
+
+# sun_path holds 108 bytes on Linux and 104 on macOS, including the terminating NUL.
+MAX_UNIX_PATH = 103 if sys.platform == "darwin" else 107
+
+_UCRED = struct.Struct("3i")
+
+
+class Transport(Protocol):
+    """What the client and the server need from a transport."""
+
+    def connect(self, address: str, timeout: float) -> socket.socket:
+        """Return a blocking socket connected to ``address``; raise PluginConnectionError."""
+        ...
+
+    def listen(self, address: str, backlog: int) -> socket.socket:
+        """Return a listening socket bound to ``address``; raise PluginAlreadyRunning if taken."""
+        ...
+
+    def unlink(self, address: str) -> None:
+        """Remove what :meth:`listen` left at ``address``."""
+        ...
+
+
+def socket_path_for(wanted: str) -> str:
+    """Return ``wanted`` if it fits in a socket address, else a short path this user owns.
+
+    The short path is ``$TMPDIR/goplug-<uid>/<hash of wanted>.sock`` in a directory created 0700;
+    the hash keeps it stable for the same wanted path, so a restarted plugin finds its old socket.
+    """
+    if len(os.fsencode(wanted)) <= MAX_UNIX_PATH:
+        return wanted
+    base = os.path.join(tempfile.gettempdir(), f"goplug-{os.getuid()}")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    info = os.lstat(base)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ConfigError(f"{base} must be a directory owned by uid {os.getuid()} with mode 0700")
+    digest = hashlib.sha256(os.fsencode(wanted)).hexdigest()[:24]
+    return os.path.join(base, f"{digest}.sock")
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """Return the uid of the process at the other end of a Unix socket, if the OS tells."""
+    if sys.platform.startswith("linux"):
+        data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        return int(_UCRED.unpack(data)[1])
+    return None
+
+
+def check_owner(path: str, allowed_uids: frozenset[int], what: str, want_socket: bool) -> None:
+    """Refuse a file that an untrusted user could have planted or could change.
+
+    The file must be owned by an allowed uid, not writable by everybody, and of the right kind (a
+    socket, or a regular file that is not a symlink).
+    """
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
+    if want_socket and not stat.S_ISSOCK(info.st_mode):
+        raise ConfigError(f"{what} {path} is not a socket")
+    if not want_socket and not stat.S_ISREG(info.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+        raise ConfigError(f"{what} {path} is {kind}")
+    if info.st_uid not in allowed_uids:
+        raise ConfigError(f"{what} {path} is owned by uid {info.st_uid}, which is not allowed")
+    if info.st_mode & 0o002:
+        raise ConfigError(f"{what} {path} is writable by every user")
+
+
+class UnixTransport:
+    """Unix domain stream sockets named by a file system path."""
+
+    def connect(self, address: str, timeout: float) -> socket.socket:
+        """Connect to the plugin socket at ``address``."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            sock.settimeout(None)
+        except OSError as exc:
+            sock.close()
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise PluginConnectionError(f"cannot connect to {address}: {reason}") from None
+        return sock
+
+    def listen(self, address: str, backlog: int) -> socket.socket:
+        """Listen at ``address``, taking over a stale socket file but never a live one."""
+        if os.path.lexists(address):
+            if not stat.S_ISSOCK(os.lstat(address).st_mode):
+                raise ConfigError(f"{address} exists and is not a socket; refusing to replace it")
+            if self.is_listening(address):
+                raise PluginAlreadyRunning(f"a live plugin already listens on {address}")
+            log.info("removing stale socket %s", address)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(address)
+            # Before listen() nobody can connect, so 0600 is in force from the first accept.
+            os.chmod(address, 0o600)
+            sock.listen(backlog)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise PluginAlreadyRunning(f"{address} is already in use") from None
+            raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from None
+        return sock
+
+    def unlink(self, address: str) -> None:
+        """Remove the socket file."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address)
+
+    @staticmethod
+    def is_listening(address: str, timeout: float = 1.0) -> bool:
+        """Tell whether some process accepts connections at ``address``."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(timeout)
+        try:
+            probe.connect(address)
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        return True

@@ -1,0 +1,418 @@
+"""HTTP/1.1 framing as GoPlug uses it, sans-IO: bytes in, messages out.
+
+One :class:`MessageReader` parses either side's messages (requests for the plugin server,
+responses for the registry client, sync or asyncio alike); the ``*_head`` functions build the
+bytes to send. Nothing here touches a socket, a thread or a clock.
+
+Framing follows what GoPlug peers send: ``Content-Length`` or ``Transfer-Encoding: chunked``
+bodies, header lines ending in CRLF or a bare LF, pipelined messages, and (responses only) bodies
+delimited by the connection closing. Every limit is checked against announced sizes before
+anything of that size is allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from goplug.errors import ProtocolError
+
+__all__ = [
+    "FramingError",
+    "Limits",
+    "Message",
+    "MessageReader",
+    "REASONS",
+    "request_head",
+    "response_head",
+]
+
+REASONS: Final[dict[int, bytes]] = {
+    200: b"OK",
+    204: b"No Content",
+    400: b"Bad Request",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
+
+# Bodies at least this large are received straight into their final buffer (see body_sink),
+# which saves one copy per chunk for bulk payloads.
+_SINK_MIN: Final = 256 * 1024
+
+
+class FramingError(ProtocolError):
+    """The bytes do not form a valid message, or a message exceeds a limit.
+
+    :attr:`status` is the HTTP status a server should answer with (400, 413 ...).
+    """
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits for one side of a connection (all in bytes except ``max_headers``)."""
+
+    max_head: int = 64 * 1024
+    """Request or status line plus all header lines."""
+    max_headers: int = 100
+    """Number of header lines."""
+    max_body: int = 64 * 1024 * 1024
+    """Body size, whether announced by Content-Length or accumulated from chunks."""
+
+
+@dataclass
+class Message:
+    """One parsed request or response.
+
+    For a request, :attr:`method` and :attr:`target` are set and :attr:`status` is 0; for a
+    response, :attr:`status` and :attr:`reason` are set. Header names are lower-case; values are
+    the raw bytes with surrounding whitespace removed (a repeated header keeps its last value).
+    """
+
+    method: str = ""
+    target: str = ""
+    status: int = 0
+    reason: str = ""
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    body: bytes = b""
+    keep_alive: bool = True
+
+    def header(self, name: bytes, default: bytes = b"") -> bytes:
+        """Return the value of a header (``name`` in lower case)."""
+        return self.headers.get(name, default)
+
+
+_CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS = range(4)
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class MessageReader:
+    """Incremental parser of the messages one peer sends on one connection.
+
+    Feed it whatever bytes arrive (:meth:`feed`), then take complete messages with
+    :meth:`next_message` until it returns ``None`` (more bytes needed). Call :meth:`feed_eof`
+    when the peer closes. Errors raise :class:`FramingError`; after one the connection must be
+    dropped.
+    """
+
+    __slots__ = (
+        "_body",
+        "_buf",
+        "_chunk_left",
+        "_chunk_state",
+        "_close_delimited",
+        "_eof",
+        "_filled",
+        "_is_response",
+        "_limits",
+        "_msg",
+        "_need",
+        "_pos",
+        "_sink",
+    )
+
+    def __init__(self, is_response: bool, limits: Limits | None = None) -> None:
+        self._is_response = is_response
+        self._limits = limits or Limits()
+        self._buf = b""
+        self._pos = 0
+        self._msg: Message | None = None  # head parsed, body pending
+        self._need = -1  # Content-Length body bytes still to read
+        self._body = bytearray()
+        self._sink: bytearray | None = None  # full-size body buffer offered by body_sink
+        self._filled = 0  # bytes of _sink already written
+        self._chunk_state = -1  # -1: not chunked
+        self._chunk_left = 0
+        self._close_delimited = False
+        self._eof = False
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes received from the peer."""
+        if self._eof:
+            raise FramingError("data after end of stream")
+        if self._pos:
+            self._buf = self._buf[self._pos :] + data
+            self._pos = 0
+        elif self._buf:
+            self._buf += data
+        else:
+            self._buf = data
+
+    def feed_eof(self) -> Message | None:
+        """Record that the peer closed; return a close-delimited message it completes, if any.
+
+        Raises :class:`FramingError` if a message was cut short.
+        """
+        self._eof = True
+        if self._msg is not None and self._close_delimited:
+            self._msg.body = bytes(self._body) + self._buf[self._pos :]
+            self._buf, self._pos = b"", 0
+            return self._finish()
+        if self.in_message:
+            raise FramingError("connection closed in the middle of a message")
+        return None
+
+    @property
+    def in_message(self) -> bool:
+        """True when part of a message has arrived but not all of it."""
+        return self._msg is not None or len(self._buf) > self._pos
+
+    @property
+    def buffered(self) -> int:
+        """Number of bytes received but not yet part of a returned message."""
+        return len(self._buf) - self._pos + len(self._body)
+
+    # -- zero-copy body reception ----------------------------------------------------------------
+
+    def body_sink(self) -> memoryview | None:
+        """Return a buffer to receive the rest of a large Content-Length body into, or ``None``.
+
+        Only offered when nothing else is buffered, so writing into it directly (for example with
+        ``socket.recv_into``) and then calling :meth:`sink_filled` is the same as :meth:`feed`.
+        """
+        if self._need < _SINK_MIN or self._msg is None or len(self._buf) > self._pos:
+            return None
+        if self._sink is None:
+            have = len(self._body)
+            self._sink = bytearray(have + self._need)
+            self._sink[:have] = self._body
+            self._filled = have
+        return memoryview(self._sink)[self._filled :]
+
+    def sink_filled(self, n: int) -> None:
+        """Record that ``n`` bytes were written into the buffer :meth:`body_sink` returned."""
+        self._filled += n
+        self._need -= n
+
+    # -- parsing -------------------------------------------------------------------------------
+
+    def next_message(self) -> Message | None:
+        """Return the next complete message, or ``None`` if more bytes are needed."""
+        if self._msg is None:
+            if not self._parse_head():
+                return None
+        msg = self._msg
+        assert msg is not None
+        if self._need >= 0:
+            return self._read_sized()
+        if self._chunk_state >= 0:
+            return self._read_chunked()
+        if self._close_delimited:
+            avail = len(self._buf) - self._pos + len(self._body)
+            if avail > self._limits.max_body:
+                raise FramingError("body exceeds the limit", 413)
+            self._body += self._buf[self._pos :]
+            self._buf, self._pos = b"", 0
+            return None
+        return self._finish()
+
+    def _finish(self) -> Message:
+        msg = self._msg
+        assert msg is not None
+        self._msg = None
+        self._need = -1
+        self._chunk_state = -1
+        self._close_delimited = False
+        self._body = bytearray()
+        self._sink = None
+        self._filled = 0
+        if self._pos == len(self._buf):
+            self._buf, self._pos = b"", 0
+        return msg
+
+    def _read_sized(self) -> Message | None:
+        msg = self._msg
+        assert msg is not None
+        buf, pos, need = self._buf, self._pos, self._need
+        avail = len(buf) - pos
+        sink = self._sink
+        if sink is not None:
+            if need:
+                take = min(avail, need)
+                sink[self._filled : self._filled + take] = buf[pos : pos + take]
+                self._filled += take
+                self._need = need - take
+                self._pos = pos + take
+                if self._need:
+                    return None
+            msg.body = bytes(sink)
+            return self._finish()
+        if avail < need:
+            if avail:
+                self._body += buf[pos:]
+                self._buf, self._pos = b"", 0
+                self._need = need - avail
+            return None
+        if self._body:
+            self._body += buf[pos : pos + need]
+            msg.body = bytes(self._body)
+        elif pos == 0 and need == len(buf):
+            msg.body = buf
+        else:
+            msg.body = buf[pos : pos + need]
+        self._pos = pos + need
+        return self._finish()
+
+    def _read_chunked(self) -> Message | None:
+        limits = self._limits
+        while True:
+            buf, pos = self._buf, self._pos
+            state = self._chunk_state
+            if state == _CHUNK_DATA:
+                avail = len(buf) - pos
+                take = min(avail, self._chunk_left)
+                if take:
+                    self._body += buf[pos : pos + take]
+                    self._pos = pos + take
+                    self._chunk_left -= take
+                if self._chunk_left:
+                    return None
+                self._chunk_state = _CHUNK_CRLF
+                continue
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                if len(buf) - pos > limits.max_head:
+                    raise FramingError("chunk framing line too long")
+                return None
+            line = buf[pos:end]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            self._pos = end + 1
+            if state == _CHUNK_CRLF:
+                if line:
+                    raise FramingError("missing CRLF after chunk data")
+                self._chunk_state = _CHUNK_SIZE
+            elif state == _CHUNK_SIZE:
+                size_text = line.split(b";", 1)[0].strip()
+                if not size_text or len(size_text) > 15 or not _HEX.issuperset(size_text):
+                    raise FramingError(f"bad chunk size line {line[:40]!r}")
+                size = int(size_text, 16)
+                if len(self._body) + size > limits.max_body:
+                    raise FramingError("body exceeds the limit", 413)
+                if size == 0:
+                    self._chunk_state = _TRAILERS
+                else:
+                    self._chunk_left = size
+                    self._chunk_state = _CHUNK_DATA
+            elif not line:  # _TRAILERS: an empty line ends the message
+                msg = self._msg
+                assert msg is not None
+                msg.body = bytes(self._body)
+                return self._finish()
+
+    def _parse_head(self) -> bool:
+        buf, pos = self._buf, self._pos
+        # Tolerate empty lines before a message (RFC 9112 §2.2).
+        while buf.startswith(b"\r\n", pos) or buf.startswith(b"\n", pos):
+            pos += 1 if buf[pos] == 10 else 2
+        self._pos = pos
+        end = buf.find(b"\r\n\r\n", pos)
+        if end >= 0:
+            body_start = end + 4
+            lines = buf[pos:end].split(b"\r\n")
+            if b"\n" in buf[pos:end]:  # a bare LF inside a CRLF head: re-split tolerantly
+                lines = [ln.rstrip(b"\r") for ln in buf[pos:end].split(b"\n")]
+        else:
+            end_lf = buf.find(b"\n\n", pos)
+            end_mixed = buf.find(b"\n\r\n", pos)
+            ends = [e for e in (end_lf, end_mixed) if e >= 0]
+            if not ends:
+                if len(buf) - pos > self._limits.max_head:
+                    raise FramingError("message head exceeds the limit")
+                return False
+            end = min(ends)
+            body_start = end + (2 if end == end_lf else 3)
+            lines = [ln.rstrip(b"\r") for ln in buf[pos:end].split(b"\n")]
+        if end - pos > self._limits.max_head:
+            raise FramingError("message head exceeds the limit")
+        if len(lines) - 1 > self._limits.max_headers:
+            raise FramingError("too many header lines")
+        msg = self._parse_start_line(lines[0])
+        headers = msg.headers
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name[-1] in b" \t" or name[0] in b" \t":
+                raise FramingError(f"bad header line {line[:40]!r}")
+            headers[name.lower()] = value.strip()
+        self._pos = body_start
+        self._msg = msg
+        self._setup_body(msg)
+        return True
+
+    def _parse_start_line(self, line: bytes) -> Message:
+        if self._is_response:
+            # Status line: HTTP/1.x SP code [SP reason]
+            if not line.startswith(b"HTTP/1."):
+                raise FramingError(f"bad status line {line[:40]!r}")
+            parts = line.split(b" ", 2)
+            if len(parts) < 2 or len(parts[1]) != 3 or not parts[1].isdigit():
+                raise FramingError(f"bad status line {line[:40]!r}")
+            reason = parts[2].decode("latin-1") if len(parts) == 3 else ""
+            return Message(status=int(parts[1]), reason=reason, keep_alive=parts[0] == b"HTTP/1.1")
+        parts = line.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[0] or not parts[1]:
+            raise FramingError(f"bad request line {line[:40]!r}")
+        try:
+            method, target = parts[0].decode("ascii"), parts[1].decode("ascii")
+        except UnicodeDecodeError:
+            raise FramingError("request line is not ASCII") from None
+        return Message(method=method, target=target, keep_alive=parts[2] == b"HTTP/1.1")
+
+    def _setup_body(self, msg: Message) -> None:
+        headers = msg.headers
+        if headers.get(b"connection", b"").lower() == b"close":
+            msg.keep_alive = False
+        elif msg.target and headers.get(b"connection", b"").lower() == b"keep-alive":
+            msg.keep_alive = True
+        te = headers.get(b"transfer-encoding")
+        cl = headers.get(b"content-length")
+        if te is not None:
+            if te.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
+                raise FramingError(f"unsupported transfer-encoding {te[:40]!r}")
+            if cl is not None and not self._is_response:
+                raise FramingError("both content-length and transfer-encoding")
+            self._chunk_state = _CHUNK_SIZE
+            return
+        if cl is not None:
+            if not cl.isdigit() or len(cl) > 19:
+                raise FramingError(f"bad content-length {cl[:40]!r}")
+            n = int(cl)
+            if n > self._limits.max_body:
+                raise FramingError(
+                    f"body of {n} bytes exceeds the limit of {self._limits.max_body}", 413
+                )
+            self._need = n
+            return
+        if self._is_response and msg.status >= 200 and msg.status not in (204, 304):
+            self._close_delimited = True
+            msg.keep_alive = False
+            return
+        self._need = 0
+
+
+def request_head(path: str, host: str, length: int, extra: bytes = b"") -> bytes:
+    """Build a POST request head; ``extra`` holds already-formatted header lines."""
+    return b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n" % (
+        path.encode("ascii"),
+        host.encode("ascii"),
+        extra,
+        length,
+    )
+
+
+def response_head(status: int, length: int, extra: bytes = b"") -> bytes:
+    """Build a response head; ``extra`` holds already-formatted header lines."""
+    return b"HTTP/1.1 %d %s\r\n%sContent-Length: %d\r\n\r\n" % (
+        status,
+        REASONS.get(status, b"Unknown"),
+        extra,
+        length,
+    )

@@ -1,0 +1,218 @@
+"""The announce file (`.pconf`): tolerant parsing, validation, atomic writing.
+
+Parsing accepts what GoPlug plugins write and what the seed README shows (case-insensitive keys,
+unknown keys, ``null`` values, a trailing comma, bytes after the object, a BOM); everything else is
+a :class:`~goplug.errors.ConfigError` that names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from goplug.errors import ConfigError
+
+__all__ = [
+    "MAX_PCONF_BYTES",
+    "PROTOCOL_VERSION",
+    "PluginConf",
+    "check_name",
+    "dump_pconf",
+    "file_stem",
+    "parse_pconf",
+    "write_atomically",
+]
+
+MAX_PCONF_BYTES: Final = 64 * 1024
+PROTOCOL_VERSION: Final = "goplug/1"
+
+_TRAILING_COMMA = re.compile(rb",(\s*[}\]])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_name(value: str, what: str, *, plugin_side: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a safe plugin name or namespace.
+
+    Both sides refuse ``/``, NUL, control characters, ``.`` and ``..``: names become file names.
+    A plugin also refuses ``@`` (the separator in its file names) and an empty name.
+    """
+    if _CONTROL.search(value) or "/" in value or value in (".", ".."):
+        raise ConfigError(f"invalid {what} {value!r}: no '/', '.', '..' or control characters")
+    if plugin_side and "@" in value:
+        raise ConfigError(f"invalid {what} {value!r}: '@' separates name and namespace")
+    if what == "name" and not value:
+        raise ConfigError("the plugin name must not be empty")
+
+
+def file_stem(name: str, namespace: str) -> str:
+    """Return the file name stem a goplug plugin uses: ``Name@NameSpace`` or ``Name``."""
+    return f"{name}@{namespace}" if namespace else name
+
+
+@dataclass(frozen=True)
+class PluginConf:
+    """The contents of one `.pconf` file."""
+
+    name: str
+    namespace: str
+    url: str
+    sock: str
+    lazy_load: bool = False
+    pid: int | None = None
+    protocol: str = ""
+    path: str = ""
+    """The file this configuration was read from ('' if it was not read from a file)."""
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        """The pair (namespace, name) that identifies the plugin."""
+        return (self.namespace, self.name)
+
+    @property
+    def host(self) -> str:
+        """The value for the ``Host`` header: the host part of :attr:`url`."""
+        return urlsplit(self.url).netloc
+
+    @property
+    def path_prefix(self) -> str:
+        """The path part of :attr:`url`, put in front of every route."""
+        return urlsplit(self.url).path.rstrip("/")
+
+
+def default_url(name: str, namespace: str) -> str:
+    """Return GoPlug's default Url for a plugin: ``unix://<NameSpace><Name>``."""
+    return f"unix://{namespace}{name}"
+
+
+_FIELDS: Final = {
+    "name": ("name", str),
+    "namespace": ("namespace", str),
+    "url": ("url", str),
+    "sock": ("sock", str),
+    "lazyload": ("lazy_load", bool),
+    "pid": ("pid", int),
+    "protocol": ("protocol", str),
+}
+
+
+def _decode_object(data: bytes, path: str) -> dict[str, Any]:
+    text = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+    text = text.strip()
+    if not text:
+        raise ConfigError("the file is empty", path)
+    decoder = json.JSONDecoder()
+    candidates = [text]
+    if b"," in text:
+        candidates.append(_TRAILING_COMMA.sub(rb"\1", text))
+    error: Exception | None = None
+    for candidate in candidates:
+        try:
+            value, _ = decoder.raw_decode(candidate.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"not UTF-8 text ({exc.reason})", path) from None
+        except ValueError as exc:
+            error = error or exc
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a JSON object, found {type(value).__name__}", path)
+        return value
+    raise ConfigError(f"not valid JSON: {error}", path)
+
+
+def parse_pconf(data: bytes, path: str = "") -> PluginConf:
+    """Parse the bytes of a `.pconf` file; ``path`` is used in error messages."""
+    if len(data) > MAX_PCONF_BYTES:
+        raise ConfigError(f"file is larger than {MAX_PCONF_BYTES} bytes", path)
+    raw = _decode_object(data, path)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        field_spec = _FIELDS.get(key.lower())
+        if field_spec is None or value is None:
+            continue
+        attr, kind = field_spec
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"key {key!r} must be a {kind.__name__}, found {type(value).__name__}", path
+            )
+        values[attr] = value
+    name = values.get("name", "")
+    namespace = values.get("namespace", "")
+    if not name:
+        raise ConfigError("missing key 'Name'", path)
+    sock = values.get("sock", "")
+    if not sock:
+        raise ConfigError("missing key 'Sock'", path)
+    check_name(name, "name")
+    check_name(namespace, "namespace")
+    if "\x00" in sock:
+        raise ConfigError("'Sock' contains a NUL byte", path)
+    if not os.path.isabs(sock):
+        # GoPlug writes absolute paths; a relative one is taken relative to the file.
+        sock = os.path.join(os.path.dirname(os.path.abspath(path)) if path else "", sock)
+    url = values.get("url") or default_url(name, namespace)
+    try:
+        parts = urlsplit(url)
+        host = parts.netloc
+    except ValueError as exc:
+        raise ConfigError(f"invalid 'Url' {url!r}: {exc}", path) from None
+    if not host.isascii() or any(c in host for c in " \t\r\n/") or not parts.path.isascii():
+        raise ConfigError(f"invalid 'Url' {url!r}: the host must be plain ASCII", path)
+    if any(c in parts.path for c in " \t\r\n"):
+        raise ConfigError(f"invalid 'Url' {url!r}: spaces in the path", path)
+    return PluginConf(
+        name=name,
+        namespace=namespace,
+        url=url,
+        sock=sock,
+        lazy_load=values.get("lazy_load", False),
+        pid=values.get("pid"),
+        protocol=values.get("protocol", ""),
+        path=path,
+    )
+
+
+def dump_pconf(conf: PluginConf) -> bytes:
+    """Serialise ``conf`` the way GoPlug does: compact JSON, GoPlug's keys first, in its order."""
+    obj: dict[str, Any] = {
+        "Name": conf.name,
+        "NameSpace": conf.namespace,
+        "Url": conf.url,
+        "Sock": conf.sock,
+        "LazyLoad": conf.lazy_load,
+    }
+    if conf.pid is not None:
+        obj["Pid"] = conf.pid
+    if conf.protocol:
+        obj["Protocol"] = conf.protocol
+    return json.dumps(obj, separators=(",", ":")).encode("utf-8")
+
+
+def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed into place.
+
+    The temporary name starts with a dot and does not end with the extension, so a watching
+    registry never reads a partial file.
+    """
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
