@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from goplug.errors import (
     CallTimeout,
@@ -139,7 +140,6 @@ class PluginClient:
         conf: PluginConf,
         transport: Transport,
         settings: ClientSettings,
-        user_agent: bytes = b"goplug/0.1",
     ) -> None:
         self.conf = conf
         self._transport = transport
@@ -149,7 +149,6 @@ class PluginClient:
         self._closed = False
         self._host = conf.host.encode("ascii")
         self._path = conf.path_prefix.encode("ascii")
-        self._agent = user_agent
         self._prefixes: dict[str, bytes] = {}
 
     # -- the call path -------------------------------------------------------------------------
@@ -212,11 +211,10 @@ class PluginClient:
         raise routes.error_from_response(msg, route)
 
     def _prefix(self, route: str, extra_headers: bytes) -> bytes:
-        path = self._path + b"/" + route.encode("utf-8").replace(b"%", b"%25").replace(b" ", b"%20")
-        prefix = b"POST %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\n%sContent-Length: " % (
+        path = self._path + b"/" + quote(route, safe="!$&'()*+,;=:@").encode("ascii")
+        prefix = b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: " % (
             path,
             self._host,
-            self._agent,
             extra_headers,
         )
         if not extra_headers and len(self._prefixes) < 1024:

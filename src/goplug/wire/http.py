@@ -12,7 +12,7 @@ anything of that size is allocated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from goplug.errors import ProtocolError
@@ -66,7 +66,6 @@ class Limits:
     """Body size, whether announced by Content-Length or accumulated from chunks."""
 
 
-@dataclass
 class Message:
     """One parsed request or response.
 
@@ -75,21 +74,44 @@ class Message:
     the raw bytes with surrounding whitespace removed (a repeated header keeps its last value).
     """
 
-    method: str = ""
-    target: str = ""
-    status: int = 0
-    reason: str = ""
-    headers: dict[bytes, bytes] = field(default_factory=dict)
-    body: bytes = b""
-    keep_alive: bool = True
+    __slots__ = ("body", "headers", "keep_alive", "method", "reason", "status", "target")
+
+    def __init__(
+        self,
+        method: str = "",
+        target: str = "",
+        status: int = 0,
+        reason: str = "",
+        headers: dict[bytes, bytes] | None = None,
+        body: bytes = b"",
+        keep_alive: bool = True,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.status = status
+        self.reason = reason
+        self.headers: dict[bytes, bytes] = {} if headers is None else headers
+        self.body = body
+        self.keep_alive = keep_alive
 
     def header(self, name: bytes, default: bytes = b"") -> bytes:
         """Return the value of a header (``name`` in lower case)."""
         return self.headers.get(name, default)
 
+    def __repr__(self) -> str:
+        first = f"{self.method} {self.target}" if self.method else f"{self.status} {self.reason}"
+        return f"<Message {first} {len(self.body)} bytes>"
+
+
+# The answer goplug plugins give to every successful call; parsed without the general path.
+_OK_PREFIX: Final = b"HTTP/1.1 200 OK\r\nContent-Length: "
+_OK_LEN: Final = len(_OK_PREFIX)
+
 
 _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS = range(4)
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+_CR_LF = b"\r\n"
+_WS = b" \t"
 
 
 class MessageReader:
@@ -197,6 +219,11 @@ class MessageReader:
     def next_message(self) -> Message | None:
         """Return the next complete message, or ``None`` if more bytes are needed."""
         if self._msg is None:
+            buf = self._buf
+            if self._is_response and buf.startswith(_OK_PREFIX, self._pos):
+                fast = self._fast_ok(buf)
+                if fast is not None:
+                    return fast
             if not self._parse_head():
                 return None
         msg = self._msg
@@ -214,16 +241,38 @@ class MessageReader:
             return None
         return self._finish()
 
+    def _fast_ok(self, buf: bytes) -> Message | None:
+        """Parse a complete ``200 OK`` with only a Content-Length header, or return None."""
+        start = self._pos + _OK_LEN
+        end = buf.find(b"\r\n\r\n", start, start + 24)
+        if end < 0:
+            return None
+        digits = buf[start:end]
+        if not digits.isdigit():
+            return None
+        n = int(digits)
+        body_start = end + 4
+        stop = body_start + n
+        if n > self._limits.max_body or stop > len(buf):
+            return None  # the general path reports the limit or waits for the rest
+        body = buf[body_start:stop]
+        if stop == len(buf):
+            self._buf, self._pos = b"", 0
+        else:
+            self._pos = stop
+        return Message(status=200, reason="OK", body=body)
+
     def _finish(self) -> Message:
         msg = self._msg
         assert msg is not None
         self._msg = None
         self._need = -1
-        self._chunk_state = -1
-        self._close_delimited = False
-        self._body = bytearray()
-        self._sink = None
-        self._filled = 0
+        if self._chunk_state >= 0 or self._close_delimited or self._body or self._sink:
+            self._chunk_state = -1
+            self._close_delimited = False
+            self._body = bytearray()
+            self._sink = None
+            self._filled = 0
         if self._pos == len(self._buf):
             self._buf, self._pos = b"", 0
         return msg
@@ -310,19 +359,22 @@ class MessageReader:
 
     def _parse_head(self) -> bool:
         buf, pos = self._buf, self._pos
-        # Tolerate empty lines before a message (RFC 9112 §2.2).
-        while buf.startswith(b"\r\n", pos) or buf.startswith(b"\n", pos):
-            pos += 1 if buf[pos] == 10 else 2
-        self._pos = pos
+        if pos < len(buf) and buf[pos] in _CR_LF:
+            # Tolerate empty lines before a message (RFC 9112 §2.2).
+            while buf.startswith(b"\r\n", pos) or buf.startswith(b"\n", pos):
+                pos += 1 if buf[pos] == 10 else 2
+            self._pos = pos
         end = buf.find(b"\r\n\r\n", pos)
-        if end >= 0:
+        if end >= 0 and buf.find(b"\n\n", pos, end) < 0 and buf.find(b"\n\r\n", pos, end) < 0:
             body_start = end + 4
-            lines = buf[pos:end].split(b"\r\n")
-            if b"\n" in buf[pos:end]:  # a bare LF inside a CRLF head: re-split tolerantly
-                lines = [ln.rstrip(b"\r") for ln in buf[pos:end].split(b"\n")]
+            head = buf[pos:end]
+            lines = head.split(b"\r\n")
+            if head.count(b"\n") != len(lines) - 1:  # a bare LF among CRLFs
+                lines = [ln.rstrip(b"\r") for ln in head.split(b"\n")]
         else:
-            end_lf = buf.find(b"\n\n", pos)
-            end_mixed = buf.find(b"\n\r\n", pos)
+            limit = end if end >= 0 else len(buf)
+            end_lf = buf.find(b"\n\n", pos, limit + 2)
+            end_mixed = buf.find(b"\n\r\n", pos, limit + 3)
             ends = [e for e in (end_lf, end_mixed) if e >= 0]
             if not ends:
                 if len(buf) - pos > self._limits.max_head:
@@ -333,14 +385,14 @@ class MessageReader:
             lines = [ln.rstrip(b"\r") for ln in buf[pos:end].split(b"\n")]
         if end - pos > self._limits.max_head:
             raise FramingError("message head exceeds the limit")
-        if len(lines) - 1 > self._limits.max_headers:
+        if len(lines) > self._limits.max_headers + 1:
             raise FramingError("too many header lines")
         msg = self._parse_start_line(lines[0])
         headers = msg.headers
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name[-1] in b" \t" or name[0] in b" \t":
-                raise FramingError(f"bad header line {line[:40]!r}")
+        for i in range(1, len(lines)):
+            name, sep, value = lines[i].partition(b":")
+            if not sep or not name or name[-1] in _WS or name[0] in _WS:
+                raise FramingError(f"bad header line {lines[i][:40]!r}")
             headers[name.lower()] = value.strip()
         self._pos = body_start
         self._msg = msg
@@ -368,12 +420,15 @@ class MessageReader:
 
     def _setup_body(self, msg: Message) -> None:
         headers = msg.headers
-        if headers.get(b"connection", b"").lower() == b"close":
-            msg.keep_alive = False
-        elif msg.target and headers.get(b"connection", b"").lower() == b"keep-alive":
-            msg.keep_alive = True
-        te = headers.get(b"transfer-encoding")
+        connection = headers.get(b"connection")
+        if connection is not None:
+            connection = connection.lower()
+            if connection == b"close":
+                msg.keep_alive = False
+            elif connection == b"keep-alive" and msg.target:
+                msg.keep_alive = True
         cl = headers.get(b"content-length")
+        te = headers.get(b"transfer-encoding")
         if te is not None:
             if te.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
                 raise FramingError(f"unsupported transfer-encoding {te[:40]!r}")
