@@ -40,6 +40,7 @@ class CallbackSettings:
 
 @dataclass(eq=False)
 class _Subscriber:
+    key: tuple[str, str]
     name: str
     legacy: bool
     queue: deque[tuple[int, bytes]] = field(default_factory=deque)
@@ -88,18 +89,24 @@ class CallbackHub:
             deadline = time.monotonic() + (
                 self.settings.notify_timeout if timeout is None else timeout
             )
+            # Wait until every subscriber has room, then queue for all at once: a timeout
+            # never leaves the notification with some subscribers and not others.
+            while not self._closed:
+                full = [s for s in targets if len(s.queue) >= limit and self._is_live(s)]
+                if not full:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise NotifyTimeout(
+                        f"{len(full)} subscriber(s) of {name!r} have {limit} notifications "
+                        "pending and did not catch up in time"
+                    )
+                self._cond.wait(remaining)
+                self._expire()
             for sub in targets:
-                while len(sub.queue) >= limit and not self._closed and self._is_live(sub):
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise NotifyTimeout(
-                            f"a subscriber of {name!r} has {limit} notifications pending; "
-                            "it did not catch up in time"
-                        )
-                    self._cond.wait(remaining)
-                    self._expire()
-                sub.last_seq += 1
-                sub.queue.append((sub.last_seq, data))
+                if self._is_live(sub):
+                    sub.last_seq += 1
+                    sub.queue.append((sub.last_seq, data))
             self._cond.notify_all()
             return len(targets)
 
@@ -120,7 +127,7 @@ class CallbackHub:
         with self._cond:
             sub = self._subs.get(key)
             if sub is None:
-                sub = self._subs[key] = _Subscriber(name=name, legacy=subscriber is None)
+                sub = self._subs[key] = _Subscriber(key, name, legacy=subscriber is None)
             sub.waiting += 1
             try:
                 queue = sub.queue
@@ -167,7 +174,7 @@ class CallbackHub:
             self._cond.notify_all()
 
     def _is_live(self, sub: _Subscriber) -> bool:
-        return any(s is sub for s in self._subs.values())
+        return self._subs.get(sub.key) is sub
 
     def _expire(self) -> None:
         now = time.monotonic()

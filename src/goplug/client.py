@@ -172,7 +172,7 @@ class PluginClient:
         busy.add(conn)
         try:
             msg = conn.exchange(request, body, timeout)
-        except (BlockingIOError, TimeoutError, socket.timeout):
+        except (BlockingIOError, TimeoutError):
             busy.discard(conn)
             conn.close()
             raise CallTimeout(
@@ -321,7 +321,9 @@ class Subscription:
         self._conn: Connection | None = None
         self._conn_lock = threading.Lock()
         self._body = routes_json(name)
-        self._thread = threading.Thread(target=self._run, name=f"goplug-callback-{name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"goplug-callback-{name}", daemon=True
+        )
 
     def start(self) -> None:
         """Start polling."""

@@ -15,8 +15,8 @@ __all__ = [
     "PluginNotDiscovered",
     "PluginNotLoaded",
     "ProtocolError",
-    "RemoteError",
     "RegistryClosed",
+    "RemoteError",
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import logging
@@ -42,7 +43,7 @@ class PluginSettings:
     server: ServerSettings = field(default_factory=ServerSettings)
     callbacks: CallbackSettings = field(default_factory=CallbackSettings)
     conf_ext: str = ".pconf"
-    backlog: int = 128
+    backlog: int = 1024
 
 
 class _Phase(enum.Enum):
@@ -89,6 +90,7 @@ class Plugin:
         self._server: Server | None = None
         self._phase = _Phase.NEW
         self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by goplug.aio.Plugin
         stem = file_stem(name, namespace)
         self.pconf_path = os.path.join(self.location, stem + self.settings.conf_ext)
         """Where the plugin announces itself."""
@@ -98,7 +100,10 @@ class Plugin:
     # -- methods -------------------------------------------------------------------------------
 
     def register_method(self, fn: F, name: str | None = None) -> None:
-        """Serve ``fn`` (``bytes -> bytes``, plain or ``async def``) as ``name`` (default: its name)."""
+        """Serve ``fn`` (``bytes -> bytes``, plain or ``async def``) as ``name``.
+
+        The name defaults to the function's ``__name__``.
+        """
         method_name = name or getattr(fn, "__name__", "")
         if not method_name or "/" in method_name or method_name in routes.RESERVED:
             raise ConfigError(f"invalid method name {method_name!r}")
@@ -113,7 +118,7 @@ class Plugin:
     def method(self, name: str, /) -> Callable[[F], F]: ...
 
     def method(self, fn_or_name: F | str, /) -> F | Callable[[F], F]:
-        """Decorator form of :meth:`register_method`: ``@plugin.method`` or ``@plugin.method("Name")``."""
+        """Register a method: ``@plugin.method`` or ``@plugin.method("Name")``."""
         if isinstance(fn_or_name, str):
             given = fn_or_name
 
@@ -172,6 +177,7 @@ class Plugin:
                 "/" + prefix.rstrip("/") if prefix else "",
                 self.settings.server,
                 self.label,
+                self._loop,
             )
             server.start()
             self._server = server

@@ -425,7 +425,9 @@ class PluginRegistry:
             self._files[path] = conf.identity
             handle = self._handles.get(conf.identity)
             if handle is None:
-                handle = self._handles[conf.identity] = PluginHandle(self, conf.name, conf.namespace)
+                handle = self._handles[conf.identity] = PluginHandle(
+                    self, conf.name, conf.namespace
+                )
             previous, handle.conf = handle.conf, conf
             state = handle.state
         if old_identity is not None and old_identity != conf.identity:
@@ -477,7 +479,11 @@ class PluginRegistry:
             client.close()
             raise
         with self._lock:
-            if self._closed or handle.state is not PluginState.DISCOVERED or handle.conf is not conf:
+            if (
+                self._closed
+                or handle.state is not PluginState.DISCOVERED
+                or handle.conf is not conf
+            ):
                 client.close()
                 if self._closed:
                     raise RegistryClosed("the registry was closed while loading")

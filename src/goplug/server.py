@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from goplug.callbacks import CallbackHub
 from goplug.errors import GoPlugError, ProtocolError
@@ -30,7 +30,7 @@ __all__ = ["MethodFunc", "Server", "ServerSettings"]
 
 log = logging.getLogger("goplug.server")
 
-MethodFunc = Callable[[bytes], Union[bytes, None, Awaitable[Union[bytes, None]]]]
+MethodFunc = Callable[[bytes], bytes | Awaitable[bytes | None] | None]
 
 _OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: "
 _JSON = b"Content-Type: application/json\r\n"
@@ -54,14 +54,18 @@ class ServerSettings:
 
 
 class _AsyncRunner:
-    """One event loop thread per process for ``async def`` methods."""
+    """Runs ``async def`` methods.
+
+    They run on the plugin's own loop (goplug.aio), else on one loop thread shared by the process.
+    """
 
     _lock = threading.Lock()
     _loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def run(cls, coro: Awaitable[Any]) -> Any:
-        loop = cls._loop
+    def run(cls, coro: Awaitable[Any], loop: asyncio.AbstractEventLoop | None = None) -> Any:
+        if loop is None:
+            loop = cls._loop
         if loop is None:
             with cls._lock:
                 if cls._loop is None:
@@ -81,7 +85,9 @@ class _AsyncRunner:
 
 def _type_name(exc: BaseException) -> str:
     cls = type(exc)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
 
 
 class Server:
@@ -97,8 +103,10 @@ class Server:
         url_prefix: str,
         settings: ServerSettings,
         label: str,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._listener = listener
+        self._loop = loop
         self._methods = methods
         self._hub = hub
         self._activator = activator
@@ -251,7 +259,7 @@ class Server:
             try:
                 result = method(msg.body)
                 if inspect.isawaitable(result):
-                    result = _AsyncRunner.run(result)
+                    result = _AsyncRunner.run(result, self._loop)
                 body = _as_bytes(result, route)
             except Exception as exc:
                 return self._send_error(conn, 500, exc)
@@ -314,7 +322,9 @@ class Server:
         batch = self._hub.poll(token.decode() if token else None, name, int(ack_text), peer_gone)
         if batch is None:
             if self._closing:
-                self._send(conn, 503, routes.error_body("Stopping", "the plugin is stopping"), _JSON)
+                self._send(
+                    conn, 503, routes.error_body("Stopping", "the plugin is stopping"), _JSON
+                )
             return False
         if batch.legacy:
             return self._send(conn, 200, batch.items[0])

@@ -18,11 +18,11 @@ from typing import Final
 from goplug.errors import ProtocolError
 
 __all__ = [
+    "REASONS",
     "FramingError",
     "Limits",
     "Message",
     "MessageReader",
-    "REASONS",
     "request_head",
     "response_head",
 ]

@@ -7,6 +7,7 @@ a :class:`~goplug.errors.ConfigError` that names the file and the problem.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -211,8 +212,6 @@ def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
     except BaseException:
         if fd >= 0:
             os.close(fd)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise

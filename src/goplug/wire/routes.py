@@ -156,7 +156,9 @@ def error_from_response(response: Message, route: str) -> GoPlugError:
         # A GoPlug plugin answers an unknown route with 400 and no body.
         return MethodNotFound(f"the plugin has no method {route!r}")
     if status == 500 or (kind and status not in (400, 408, 413, 503)):
-        return RemoteError(kind or "Error", info.get("message", ""), info.get("traceback", ""), status)
+        return RemoteError(
+            kind or "Error", info.get("message", ""), info.get("traceback", ""), status
+        )
     if status == 503:
         return PluginConnectionError(f"/{route}: plugin unavailable: {message}")
     if kind == "CallbackNotFound":

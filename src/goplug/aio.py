@@ -1,0 +1,520 @@
+"""goplug for asyncio: the same names as the sync API, awaitable where they do I/O.
+
+Calls (``execute``, ``ping``) run natively on the event loop over pooled connections driven by
+asyncio protocols and the shared sans-IO reader. Discovery, loading and unloading reuse the sync
+registry's machinery (they are rare and may block briefly) through worker threads; its events
+and callbacks are handed to the loop, in order.
+
+>>> async def main() -> None:
+...     async with aio.PluginRegistry("plugins") as registry:
+...         plugin = await registry.load_plugin("Do", "Test")
+...         print(await plugin.execute("Do", b"hi"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import inspect
+import os
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+from goplug import plugin as _plugin
+from goplug import registry as _registry
+from goplug.client import PluginClient, Subscription
+from goplug.errors import (
+    CallTimeout,
+    NotifyTimeout,
+    PluginConnectionError,
+    PluginNotLoaded,
+    ProtocolError,
+    RegistryClosed,
+)
+from goplug.registry import PluginEvent, PluginState, RegistrySettings
+from goplug.transport import Transport
+from goplug.wire import routes
+from goplug.wire.http import FramingError, Limits, Message, MessageReader
+
+__all__ = ["Plugin", "PluginHandle", "PluginRegistry"]
+
+Callback = Callable[[bytes], object]
+
+# Most connections one event loop opens to one plugin; more concurrent calls wait for one.
+_MAX_CONNECTIONS = 64
+
+
+class _Connection(asyncio.Protocol):
+    """One persistent connection; at most one request in flight."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.reader = MessageReader(True, limits)
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[Message] | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self.waiter
+        try:
+            self.reader.feed(data)
+            msg = self.reader.next_message()
+        except FramingError as exc:
+            self._fail(ProtocolError(str(exc)))
+            return
+        if msg is not None:
+            if waiter is None or waiter.done():
+                self._fail(ProtocolError("unsolicited response"))
+                return
+            self.waiter = None
+            waiter.set_result(msg)
+
+    def eof_received(self) -> bool:
+        try:
+            msg = self.reader.feed_eof()
+        except FramingError as exc:
+            self._fail(PluginConnectionError(f"the plugin closed the connection: {exc}"))
+            return False
+        waiter = self.waiter
+        if msg is not None and waiter is not None and not waiter.done():
+            self.waiter = None
+            waiter.set_result(msg)
+        self._fail(PluginConnectionError("the plugin closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {exc}" if exc else ""
+        self._fail(PluginConnectionError(f"connection to the plugin lost{reason}"))
+
+    def _fail(self, error: Exception) -> None:
+        self.lost = True
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _Pool:
+    """Connections to one loaded plugin instance, used from one event loop."""
+
+    def __init__(self, client: PluginClient, limits: Limits, connect_timeout: float) -> None:
+        self.client = client
+        self._limits = limits
+        self._connect_timeout = connect_timeout
+        self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()
+        self._waiting: collections.deque[asyncio.Future[_Connection]] = collections.deque()
+        self._prefixes: dict[str, bytes] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _acquire(self) -> _Connection:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.lost:
+                return conn
+        if len(self._busy) + len(self._waiting) < _MAX_CONNECTIONS:
+            return await self._connect()
+        # Enough connections are open: wait for one to come back rather than open more.
+        waiter: asyncio.Future[_Connection] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            return await waiter
+        finally:
+            if waiter in self._waiting:
+                self._waiting.remove(waiter)
+
+    def _release(self, conn: _Connection) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    async def call(self, route: str, data: bytes, timeout: float) -> Message:
+        prefix = self._prefixes.get(route)
+        if prefix is None:
+            prefix = self._prefixes[route] = self.client._prefix(route, b"")
+        conn = await self._acquire()
+        if conn.lost:
+            raise PluginConnectionError("the connection to the plugin was lost")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Message] = loop.create_future()
+        conn.waiter = waiter
+        transport = conn.transport
+        assert transport is not None
+        self._busy.add(conn)
+        expiry = loop.call_later(timeout, _expire, waiter)
+        try:
+            transport.write(b"%s%d\r\n\r\n" % (prefix, len(data)))
+            if data:
+                transport.write(data)
+            msg = await waiter
+        except asyncio.CancelledError:
+            conn.close()
+            self._replace_for_waiter(loop)
+            if waiter.cancelled() and not expiry.cancelled() and expiry.when() <= loop.time():
+                raise CallTimeout(f"/{route} did not answer within {timeout:g} s") from None
+            raise
+        except BaseException:
+            conn.close()
+            self._replace_for_waiter(loop)
+            raise
+        finally:
+            expiry.cancel()
+            self._busy.discard(conn)
+        if msg.keep_alive and not conn.lost:
+            self._release(conn)
+        else:
+            conn.close()
+            self._replace_for_waiter(loop)
+        return msg
+
+    def _replace_for_waiter(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                task = loop.create_task(self._hand_new(waiter))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _hand_new(self, waiter: asyncio.Future[_Connection]) -> None:
+        try:
+            conn = await self._connect()
+        except PluginConnectionError as exc:
+            if not waiter.done():
+                waiter.set_exception(exc)
+            return
+        if waiter.done():
+            self._release(conn)
+        else:
+            waiter.set_result(conn)
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_unix_connection(
+                    lambda: _Connection(self._limits), self.client.conf.sock
+                ),
+                self._connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise PluginConnectionError(
+                f"cannot connect to {self.client.conf.sock}: {exc or 'timed out'}"
+            ) from None
+        return conn
+
+    def close(self) -> None:
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+        for conn in list(self._busy):
+            conn._fail(RegistryClosed("the registry was closed during the call"))
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(RegistryClosed("the registry was closed during the call"))
+
+
+def _expire(waiter: asyncio.Future[Message]) -> None:
+    if not waiter.done():
+        waiter.cancel()
+
+
+class PluginHandle:
+    """The asyncio face of :class:`goplug.PluginHandle`."""
+
+    def __init__(self, registry: PluginRegistry, sync: _registry.PluginHandle) -> None:
+        self._registry = registry
+        self.sync = sync
+        """The underlying sync handle."""
+        self._pool: _Pool | None = None
+
+    @property
+    def name(self) -> str:
+        """The plugin's name."""
+        return self.sync.name
+
+    @property
+    def namespace(self) -> str:
+        """The plugin's namespace."""
+        return self.sync.namespace
+
+    @property
+    def state(self) -> PluginState:
+        """Where the plugin is in its lifecycle."""
+        return self.sync.state
+
+    @property
+    def methods(self) -> list[str]:
+        """Method names the plugin announced."""
+        return self.sync.methods
+
+    def _current_pool(self) -> _Pool:
+        client = self.sync._client
+        if client is None:
+            raise PluginNotLoaded(f"plugin {self.sync.label} is not loaded ({self.state.value})")
+        pool = self._pool
+        if pool is None or pool.client is not client:
+            if pool is not None:
+                pool.close()
+            settings = self._registry.settings.client
+            pool = self._pool = _Pool(client, settings.limits, settings.connect_timeout)
+        return pool
+
+    async def _call(self, route: str, data: bytes, timeout: float) -> Message:
+        pool = self._current_pool()
+        try:
+            return await pool.call(route, data, timeout)
+        except PluginConnectionError:
+            if self._registry._closed:
+                raise RegistryClosed("the registry was closed during the call") from None
+            await asyncio.to_thread(self._registry.sync._check_alive, self.sync, pool.client)
+            raise
+
+    async def execute(
+        self, method: str, data: bytes = b"", *, timeout: float | None = None
+    ) -> bytes:
+        """Call ``method`` with ``data`` and return its output (errors as in the sync API)."""
+        settings = self._registry.settings.client
+        msg = await self._call(method, data, settings.call_timeout if timeout is None else timeout)
+        if msg.status == 200:
+            return msg.body
+        raise routes.error_from_response(msg, method)
+
+    async def ping(self, *, timeout: float | None = None) -> float:
+        """Check the plugin answers; return the round-trip time in seconds."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        settings = self._registry.settings.client
+        msg = await self._call(routes.PING, b"Test Data", timeout or settings.ping_timeout)
+        if msg.status != 200:
+            raise routes.error_from_response(msg, routes.PING)
+        if msg.body != b"Test Data":
+            raise PluginConnectionError(
+                f"plugin {self.sync.label} answered the ping with other bytes"
+            )
+        return loop.time() - started
+
+    def register_callback(self, fn: Callback, name: str | None = None) -> Subscription:
+        """Deliver every ``notify(name, ...)`` to ``fn(bytes)`` on the loop, in order.
+
+        ``fn`` may be a plain function or ``async def``; each call finishes before the next
+        starts. An exception it raises is logged and delivery goes on.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        cb_name = name or getattr(fn, "__name__", "")
+
+        async def consume() -> None:
+            while True:
+                data = await queue.get()
+                try:
+                    result = fn(data)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    _registry.log.exception("callback %r raised; delivery goes on", cb_name)
+
+        task = loop.create_task(consume(), name=f"goplug-callback-{cb_name}")
+        self._registry._tasks.add(task)
+        task.add_done_callback(self._registry._tasks.discard)
+
+        def hand_over(data: bytes) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to deliver to
+                loop.call_soon_threadsafe(queue.put_nowait, data)
+
+        sub = self.sync.register_callback(hand_over, cb_name)
+        sub_tasks = self._registry._callback_tasks
+        sub_tasks[sub] = task
+        return sub
+
+    def __repr__(self) -> str:
+        return f"<aio.PluginHandle {self.sync.label} {self.state.value}>"
+
+
+class PluginRegistry:
+    """The asyncio face of :class:`goplug.PluginRegistry`; use ``async with``."""
+
+    def __init__(
+        self,
+        location: str | os.PathLike[str],
+        auto_discover: bool = True,
+        conf_ext: str = ".pconf",
+        *,
+        settings: RegistrySettings | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self.sync = _registry.PluginRegistry(
+            location, auto_discover, conf_ext, settings=settings, transport=transport
+        )
+        """The underlying sync registry."""
+        self.settings = self.sync.settings
+        self._handles: dict[int, PluginHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._callback_tasks: dict[Subscription, asyncio.Task[None]] = {}
+        self._closed = False
+
+    def _wrap(self, handle: _registry.PluginHandle) -> PluginHandle:
+        wrapped = self._handles.get(id(handle))
+        if wrapped is None:
+            wrapped = self._handles[id(handle)] = PluginHandle(self, handle)
+        return wrapped
+
+    async def load_plugin(self, name: str, namespace: str = "") -> PluginHandle:
+        """Load a discovered plugin (see :meth:`goplug.PluginRegistry.load_plugin`)."""
+        return self._wrap(await asyncio.to_thread(self.sync.load_plugin, name, namespace))
+
+    def get_plugin(self, name: str, namespace: str = "") -> PluginHandle | None:
+        """Return the handle of a loaded plugin, or None."""
+        handle = self.sync.get_plugin(name, namespace)
+        return self._wrap(handle) if handle is not None else None
+
+    def is_discovered(self, name: str, namespace: str = "") -> bool:
+        """Tell whether the plugin is announced."""
+        return self.sync.is_discovered(name, namespace)
+
+    def is_loaded(self, name: str, namespace: str = "") -> bool:
+        """Tell whether the plugin is loaded."""
+        return self.sync.is_loaded(name, namespace)
+
+    def discovered(self) -> list[PluginHandle]:
+        """Handles of every announced plugin."""
+        return [self._wrap(h) for h in self.sync.discovered()]
+
+    def loaded(self) -> list[PluginHandle]:
+        """Handles of every loaded plugin."""
+        return [self._wrap(h) for h in self.sync.loaded()]
+
+    def add_listener(self, fn: Callable[[PluginEvent], object]) -> None:
+        """Call ``fn(event)`` on the loop for every event; ``fn`` may be ``async def``."""
+        loop = asyncio.get_running_loop()
+
+        def run(event: PluginEvent) -> None:
+            result = fn(event)
+            if inspect.isawaitable(result):
+                task = loop.create_task(_await(result))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        def hand_over(event: PluginEvent) -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(run, event)
+
+        self.sync.add_listener(hand_over)
+
+    async def unload_plugin(self, handle: PluginHandle) -> None:
+        """End callbacks, send `/Stop` and disconnect."""
+        subs = list(handle.sync._subscriptions)
+        if handle._pool is not None:
+            handle._pool.close()
+            handle._pool = None
+        await asyncio.to_thread(self.sync.unload_plugin, handle.sync)
+        for sub in subs:
+            task = self._callback_tasks.pop(sub, None)
+            if task is not None:
+                task.cancel()
+
+    def stop(self) -> None:
+        """End discovery."""
+        self.sync.stop()
+
+    async def wait_for_stop(self, timeout: float | None = None) -> bool:
+        """Wait until discovery has ended."""
+        return await asyncio.to_thread(self.sync.wait_for_stop, timeout)
+
+    async def close(self) -> None:
+        """End discovery, disconnect from every plugin and end callback delivery."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._handles.values():
+            if handle._pool is not None:
+                handle._pool.close()
+                handle._pool = None
+        await asyncio.to_thread(self.sync.close)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._callback_tasks.clear()
+
+    async def __aenter__(self) -> PluginRegistry:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def _await(result: Awaitable[object]) -> None:
+    try:
+        await result
+    except Exception:
+        _registry.log.exception("registry listener raised")
+
+
+class Plugin(_plugin.Plugin):
+    """A plugin whose ``async def`` methods run on the application's own event loop.
+
+    Plain methods run on the connection threads, so they never block the loop. ``start``,
+    ``stop`` and ``notify`` are awaitable.
+    """
+
+    async def start(self) -> None:  # type: ignore[override]
+        """Listen, then publish the `.pconf`; async methods will run on the running loop."""
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(super().start)
+
+    async def stop(self) -> None:  # type: ignore[override]
+        """Withdraw the `.pconf`, close the socket and remove the socket file."""
+        await asyncio.to_thread(super().stop)
+
+    async def notify(  # type: ignore[override]
+        self, name: str, data: bytes = b"", *, timeout: float | None = None
+    ) -> int:
+        """Send ``data`` to every subscriber of ``name``.
+
+        While a subscriber's queue is full it waits without blocking the loop.
+        """
+        try:
+            return self._hub.notify(name, data, 0.0)
+        except NotifyTimeout:
+            return await asyncio.to_thread(self._hub.notify, name, data, timeout)
+
+    async def serve_forever(self) -> None:  # type: ignore[override]
+        """Start (if needed) and serve until the task is cancelled, then stop."""
+        if not self.running:
+            await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.shield(self.stop())
+
+    async def __aenter__(self) -> Plugin:
+        if not self.running:
+            await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

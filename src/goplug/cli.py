@@ -1,0 +1,741 @@
+"""The ``goplug`` command: look at, call, watch and serve plugins from a shell.
+
+Subcommands (``goplug SUBCOMMAND --help`` shows each one's options and examples):
+
+- ``ls [DIR]``: every announced plugin, whether it answers, its methods and socket.
+- ``call DIR NAME[@NAMESPACE] METHOD [DATA | -]``: call a method, write its raw output.
+- ``ping DIR NAME[@NAMESPACE]``: measure the round-trip time.
+- ``watch DIR``: a live view of plugins coming and going.
+- ``serve FILE.py | MODULE[:ATTR]``: serve the :class:`~goplug.Plugin` objects a file defines.
+- ``demo``: a tour with a Python and a Node.js plugin, each in its own process.
+
+Looking and calling never unload a plugin (unloading sends ``/Stop``): the command disconnects
+with :meth:`PluginRegistry.close`, so plugins keep running. Errors are one line on stderr,
+``goplug: error: ...``; the exit status is 2 for a usage error and 1 for any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import FrameType, ModuleType
+from typing import NoReturn, TextIO
+
+from goplug.client import ClientSettings, PluginClient
+from goplug.errors import (
+    ConfigError,
+    GoPlugError,
+    MethodNotFound,
+    PluginConnectionError,
+    RemoteError,
+)
+from goplug.plugin import Plugin, serve
+from goplug.registry import PluginEvent, PluginHandle, PluginRegistry, RegistrySettings
+from goplug.transport import UnixTransport, check_owner
+from goplug.wire import routes
+from goplug.wire.pconf import MAX_PCONF_BYTES, PluginConf, parse_pconf
+
+__all__ = ["CommandError", "main"]
+
+PROG = "goplug"
+
+
+class CommandError(Exception):
+    """A failure the command reports as one line on stderr, with exit status :attr:`status`."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors in the ``goplug: error: ...`` form (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+# -- argument helpers ------------------------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _split_identity(text: str) -> tuple[str, str]:
+    """Split ``NAME[@NAMESPACE]`` into (name, namespace)."""
+    name, _, namespace = text.partition("@")
+    if not name:
+        raise CommandError(f"invalid plugin {text!r}: expected NAME or NAME@NAMESPACE", 2)
+    return name, namespace
+
+
+def _plugin_dir(text: str) -> str:
+    """Return the absolute plugin directory; refuse one that does not exist.
+
+    A registry would create a missing directory; a command that only looks must not.
+    """
+    path = os.path.abspath(text)
+    if not os.path.isdir(path):
+        raise CommandError(f"no such plugin directory: {text}")
+    return path
+
+
+def _client_settings(timeout: float | None) -> ClientSettings:
+    if timeout is None:
+        return ClientSettings()
+    return ClientSettings(
+        call_timeout=timeout,
+        ping_timeout=timeout,
+        activate_timeout=timeout,
+        connect_timeout=timeout,
+    )
+
+
+def _configure_logging(
+    level: int,
+    fmt: str = "goplug: %(levelname)s: %(message)s",
+    datefmt: str = "%Y-%m-%d %H:%M:%S",
+) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt, datefmt=datefmt))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _describe(exc: GoPlugError) -> str:
+    """One line for an error (a remote traceback is left out; ``-v`` shows it)."""
+    if isinstance(exc, RemoteError):
+        text = exc.remote_type
+        if exc.remote_message:
+            text += f": {exc.remote_message}"
+        return f"the plugin's method raised {text}"
+    return " ".join(str(exc).split())
+
+
+# -- goplug ls -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    """One row of ``goplug ls``."""
+
+    file: str
+    name: str = ""
+    namespace: str = ""
+    state: str = ""
+    methods: list[str] | None = None
+    sock: str = ""
+    pid: int | None = None
+    lazy: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _inspect(path: str, timeout: float, activate_lazy: bool) -> _Entry:
+    """Read one announce file and ask the plugin for its methods, without unloading it."""
+    entry = _Entry(file=os.path.basename(path))
+    allowed = frozenset({os.getuid()})
+    try:
+        check_owner(path, allowed, "announce file", want_socket=False)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            data = os.read(fd, MAX_PCONF_BYTES + 1)
+        finally:
+            os.close(fd)
+        conf = parse_pconf(data, path)
+    except ConfigError as exc:
+        entry.state = f"broken: {exc.reason}"
+        return entry
+    except OSError as exc:
+        entry.state = f"broken: cannot read: {exc.strerror or exc}"
+        return entry
+    entry.name, entry.namespace, entry.sock = conf.name, conf.namespace, conf.sock
+    entry.pid, entry.lazy = conf.pid, conf.lazy_load
+    if not os.path.lexists(conf.sock):
+        entry.state = "stale"
+        entry.extra["reason"] = "the socket file is missing"
+        return entry
+    try:
+        check_owner(conf.sock, allowed, "socket", want_socket=True)
+    except ConfigError as exc:
+        entry.state = f"broken: {exc.reason}"
+        return entry
+    entry.state, entry.methods = _probe(conf, timeout, activate=activate_lazy or not conf.lazy_load)
+    return entry
+
+
+def _probe(conf: PluginConf, timeout: float, activate: bool) -> tuple[str, list[str] | None]:
+    """Return (state, methods): `/Activate` the plugin, or only connect if ``activate`` is False."""
+    client = PluginClient(conf, UnixTransport(), _client_settings(timeout))
+    try:
+        if not activate:
+            client.connect().close()
+            return "live", None
+        body = client.request(routes.ACTIVATE, b"", timeout)
+        methods, _ = routes.parse_activation(body)
+        return "live", methods
+    except PluginConnectionError:
+        return "stale", None
+    except GoPlugError as exc:
+        return f"error: {_describe(exc)}", None
+    finally:
+        client.close()  # never /Stop: the plugin is not ours to unload
+
+
+def _announce_files(directory: str, ext: str) -> list[str]:
+    try:
+        names = os.listdir(directory)
+    except OSError as exc:
+        raise CommandError(f"cannot list {directory}: {exc.strerror or exc}") from None
+    return sorted(
+        os.path.join(directory, n)
+        for n in names
+        if n.endswith(ext) and len(n) > len(ext) and not n.startswith(".")
+    )
+
+
+def _format_table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip(), file=out)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """``goplug ls``: list the plugins announced in a directory."""
+    directory = _plugin_dir(args.dir)
+    paths = _announce_files(directory, args.ext)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        entries = list(pool.map(lambda p: _inspect(p, args.timeout, args.activate_lazy), paths))
+    entries.sort(key=lambda e: (e.name == "", e.namespace, e.name, e.file))
+    if args.json:
+        items = [
+            {
+                "file": e.file,
+                "name": e.name,
+                "namespace": e.namespace,
+                "state": e.state,
+                "methods": e.methods,
+                "sock": e.sock,
+                "pid": e.pid,
+                "lazy_load": e.lazy,
+                **e.extra,
+            }
+            for e in entries
+        ]
+        json.dump(items, sys.stdout, indent=2)
+        print()
+        return 0
+    if not entries:
+        print(f"no plugin announce files (*{args.ext}) in {directory}", file=sys.stderr)
+        return 0
+    rows = [["NAMESPACE", "NAME", "STATE", "METHODS", "SOCKET"]]
+    for e in entries:
+        if e.methods is not None:
+            methods = ",".join(e.methods) or "(none)"
+        elif e.lazy and e.state == "live":
+            methods = "(lazy)"
+        else:
+            methods = "-"
+        name = e.name or f"({e.file})"
+        rows.append([e.namespace or "-", name, e.state, methods, e.sock or "-"])
+    _format_table(rows, sys.stdout)
+    return 0
+
+
+# -- goplug call / ping ----------------------------------------------------------------------------
+
+
+def _load(
+    directory: str, target: str, timeout: float | None
+) -> tuple[PluginRegistry, PluginHandle]:
+    """Open a registry without auto discovery and load one plugin (close it, never unload)."""
+    name, namespace = _split_identity(target)
+    settings = RegistrySettings(client=_client_settings(timeout))
+    registry = PluginRegistry(directory, auto_discover=False, settings=settings)
+    try:
+        return registry, registry.load_plugin(name, namespace)
+    except BaseException:
+        registry.close()
+        raise
+
+
+def _read_input(args: argparse.Namespace) -> bytes:
+    if args.data is None:
+        return b""
+    if args.data == "-":
+        return sys.stdin.buffer.read()
+    data: str = args.data
+    return data.encode("utf-8", errors="surrogateescape")
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    """``goplug call``: call one method and write its raw output to stdout."""
+    directory = _plugin_dir(args.dir)
+    data = _read_input(args)
+    registry, handle = _load(directory, args.plugin, args.timeout)
+    try:
+        try:
+            result = handle.execute(args.method, data, timeout=args.timeout)
+        except MethodNotFound as exc:
+            known = ", ".join(handle.methods) or "none"
+            raise CommandError(f"{handle.label}: {_describe(exc)} (methods: {known})") from None
+        except RemoteError as exc:
+            if args.verbose and exc.remote_traceback:
+                print(exc.remote_traceback.rstrip(), file=sys.stderr)
+            raise CommandError(f"{handle.label}.{args.method}: {_describe(exc)}") from None
+    finally:
+        registry.close()
+    out = sys.stdout.buffer
+    out.write(result)
+    if sys.stdout.isatty() and result and not result.endswith(b"\n"):
+        out.write(b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    """``goplug ping``: measure the round-trip time to a plugin."""
+    directory = _plugin_dir(args.dir)
+    registry, handle = _load(directory, args.plugin, args.timeout)
+    times: list[float] = []
+    try:
+        for _ in range(args.count):
+            rtt = handle.ping(timeout=args.timeout)
+            times.append(rtt)
+            print(f"{handle.label}: reply in {rtt * 1000:.3f} ms", flush=True)
+    finally:
+        registry.close()
+    if len(times) > 1:
+        ms = [t * 1000 for t in times]
+        print(
+            f"{len(ms)} pings: min {min(ms):.3f} ms, avg {sum(ms) / len(ms):.3f} ms, "
+            f"max {max(ms):.3f} ms"
+        )
+    return 0
+
+
+# -- goplug watch ----------------------------------------------------------------------------------
+
+
+class _Watcher:
+    """Prints one line per registry event; shows plugins already present when it starts."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+        self._loaded_seen: set[tuple[str, str]] = set()
+
+    def line(self, kind: str, handle: PluginHandle, detail: str = "") -> None:
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        text = f"{stamp}  {kind:<10}  {handle.label}"
+        if detail:
+            text += f"  {detail}"
+        with self._lock:
+            print(text, file=self._out, flush=True)
+
+    def on_event(self, event: PluginEvent) -> None:
+        handle = event.handle
+        if event.kind == "loaded":
+            with self._lock:
+                self._loaded_seen.add((handle.namespace, handle.name))
+            methods = ",".join(handle.methods) or "(none)"
+            self.line("loaded", handle, f"methods={methods}")
+        elif event.kind == "discovered":
+            conf = handle.conf
+            detail = ""
+            if conf is not None:
+                detail = f"sock={conf.sock}" + (f" pid={conf.pid}" if conf.pid else "")
+                if conf.lazy_load:
+                    detail += " lazy"
+            self.line("discovered", handle, detail)
+        elif event.kind == "lost":
+            self.line("lost", handle, event.reason)
+        else:
+            self.line(event.kind, handle, event.reason)
+
+    def show_present(self, registry: PluginRegistry) -> None:
+        """Print plugins the registry found before the listener was added."""
+        for handle in registry.discovered():
+            self.on_event(PluginEvent("discovered", handle.name, handle.namespace, handle))
+            with self._lock:
+                seen = (handle.namespace, handle.name) in self._loaded_seen
+            if registry.is_loaded(handle.name, handle.namespace) and not seen:
+                self.on_event(PluginEvent("loaded", handle.name, handle.namespace, handle))
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """``goplug watch``: print plugins coming and going until Ctrl-C."""
+    directory = _plugin_dir(args.dir)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    watcher = _Watcher(sys.stdout)
+    registry = PluginRegistry(directory, auto_discover=True, conf_ext=args.ext)
+    try:
+        registry.add_listener(watcher.on_event)
+        watcher.show_present(registry)
+        print(f"watching {directory} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        while not stop.wait(3600):
+            pass
+    finally:
+        registry.close()  # never unload: the plugins keep running
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+# -- goplug serve ----------------------------------------------------------------------------------
+
+
+def _import_file(path: str) -> ModuleType:
+    if not os.path.isfile(path):
+        raise CommandError(f"no such file: {path}")
+    full = os.path.abspath(path)
+    stem = os.path.splitext(os.path.basename(full))[0]
+    module_name = stem if stem.isidentifier() else "goplug_served_plugin"
+    spec = importlib.util.spec_from_file_location(module_name, full)
+    if spec is None or spec.loader is None:
+        raise CommandError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(full))
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except CommandError:
+        raise
+    except (Exception, SystemExit) as exc:
+        raise CommandError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _import_module(name: str) -> ModuleType:
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):
+            raise CommandError(f"no module named {name!r}") from None
+        raise CommandError(f"importing {name} failed: {exc}") from exc
+    except (Exception, SystemExit) as exc:
+        raise CommandError(f"importing {name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _plugins_in(value: object) -> list[Plugin]:
+    if isinstance(value, Plugin):
+        return [value]
+    if isinstance(value, list | tuple):
+        found = [v for v in value if isinstance(v, Plugin)]
+        if len(found) == len(value):
+            return found
+    return []
+
+
+def _find_plugins(target: str) -> list[Plugin]:
+    """Import ``FILE.py`` or ``MODULE[:ATTR]`` and return the plugins it names or defines."""
+    if target.endswith(".py") or os.sep in target or os.path.isfile(target):
+        module, attr = _import_file(target), ""
+    else:
+        module_name, _, attr = target.partition(":")
+        if not module_name:
+            raise CommandError(f"invalid target {target!r}: expected FILE.py or MODULE[:ATTR]", 2)
+        module = _import_module(module_name)
+    if attr:
+        value: object = module
+        for part in attr.split("."):
+            try:
+                value = getattr(value, part)
+            except AttributeError:
+                raise CommandError(f"{module.__name__} has no attribute {attr!r}") from None
+        plugins = _plugins_in(value)
+        if not plugins:
+            kind = type(value).__name__
+            raise CommandError(f"{target} is a {kind}, not a goplug.Plugin (or a list of them)")
+        return plugins
+    plugins = []
+    for value in vars(module).values():
+        if isinstance(value, Plugin) and all(value is not p for p in plugins):
+            plugins.append(value)
+    if not plugins:
+        raise CommandError(f"{target} defines no goplug.Plugin at module level")
+    return plugins
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``goplug serve``: serve the plugins a file or module defines until SIGINT or SIGTERM."""
+    _configure_logging(
+        logging.DEBUG if args.verbose else logging.INFO,
+        "%(asctime)s.%(msecs)03d %(name)s: %(message)s",
+    )
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise _Interrupted
+
+    # Until goplug.serve takes over the signals, one ends the start-up cleanly.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    plugins: list[Plugin] = []
+    try:
+        plugins = _find_plugins(args.target)
+        for plugin in plugins:
+            if not plugin.running:
+                try:
+                    plugin.start()
+                except GoPlugError as exc:
+                    if "already started" not in str(exc):
+                        raise
+                    raise CommandError(
+                        f"{exc}: {args.target} must not start its plugins when imported; "
+                        'guard serve_forever() with  if __name__ == "__main__":'
+                    ) from None
+            print(
+                f"{PROG}: serving {plugin.label} on {plugin.sock_path} "
+                f"(announced in {plugin.pconf_path})",
+                file=sys.stderr,
+                flush=True,
+            )
+        serve(*plugins)
+    except _Interrupted:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for plugin in plugins:
+            with contextlib.suppress(GoPlugError, OSError):
+                plugin.stop()
+    return 0
+
+
+# -- goplug demo -----------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``goplug demo``: run the guided tour (see :mod:`goplug.demo`)."""
+    from goplug import demo
+
+    return demo.main()
+
+
+# -- the parser ------------------------------------------------------------------------------------
+
+_DESCRIPTION = """\
+Look at, call, watch and serve goplug plugins. A plugin is a process that serves
+HTTP/1.1 on a Unix socket and announces itself with a .pconf file in a plugin
+directory. Nothing here unloads a plugin: the command disconnects and the plugin
+keeps running.
+"""
+
+_EPILOG = """\
+examples:
+  goplug ls ./plugins
+  goplug call ./plugins Do@Test Do "hello"
+  echo -n hello | goplug call ./plugins Echo@Node Upper -
+  goplug ping ./plugins Do@Test --count 5
+  goplug watch ./plugins
+  GOPLUG_DIR=./plugins goplug serve examples/python/do_plugin.py
+  goplug demo
+
+exit status: 0 on success, 1 on a failure, 2 on a usage error.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``goplug`` command."""
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log what goplug does (and show remote tracebacks)",
+    )
+    parser = _Parser(
+        prog=PROG,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    from goplug import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, help_text: str, description: str, epilog: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[common],
+        )
+
+    p = add(
+        "ls",
+        "list the plugins announced in a directory",
+        "List every plugin announced in DIR: its namespace, name, state, methods and socket.\n"
+        "STATE is 'live' (it answered), 'stale' (its file is there but nobody listens) or\n"
+        "'broken: <reason>' (the .pconf file is refused). Methods are read with /Activate;\n"
+        "the plugin is never sent /Stop. Lazy plugins are only probed unless --activate-lazy.",
+        "examples:\n  goplug ls\n  goplug ls ./plugins --json",
+    )
+    p.add_argument("dir", nargs="?", default=".", metavar="DIR", help="plugin directory (.)")
+    p.add_argument("--ext", default=".pconf", help="announce file extension (.pconf)")
+    p.add_argument("--timeout", type=_positive_float, default=2.0, help="seconds per plugin (2)")
+    p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    p.add_argument(
+        "--activate-lazy",
+        action="store_true",
+        help="also send /Activate to lazy plugins to list their methods",
+    )
+    p.set_defaults(func=cmd_ls)
+
+    p = add(
+        "call",
+        "call a method and write its output",
+        "Load NAME[@NAMESPACE] from DIR, call METHOD with DATA and write the raw output bytes\n"
+        "to stdout. DATA is UTF-8 text; '-' reads the input bytes from stdin; without DATA\n"
+        "the input is empty. The plugin stays running (it is not sent /Stop).",
+        "examples:\n"
+        "  goplug call ./plugins Do@Test Do hello\n"
+        "  goplug call ./plugins Echo@Node Reverse - < input.bin > output.bin\n"
+        "  goplug call ./plugins Worker Crunch '{\"n\": 3}' --timeout 120",
+    )
+    p.add_argument("dir", metavar="DIR", help="plugin directory")
+    p.add_argument("plugin", metavar="NAME[@NAMESPACE]", help="the plugin")
+    p.add_argument("method", metavar="METHOD", help="the method to call")
+    p.add_argument("data", nargs="?", metavar="DATA", help="input text, or - for stdin")
+    p.add_argument(
+        "--timeout", type=_positive_float, default=None, help="seconds to wait per step (30)"
+    )
+    p.set_defaults(func=cmd_call)
+
+    p = add(
+        "ping",
+        "measure a plugin's round-trip time",
+        "Load NAME[@NAMESPACE] from DIR and ping it (/Ping); print each round-trip time.",
+        "examples:\n  goplug ping ./plugins Do@Test\n  goplug ping ./plugins Echo@Node -c 10",
+    )
+    p.add_argument("dir", metavar="DIR", help="plugin directory")
+    p.add_argument("plugin", metavar="NAME[@NAMESPACE]", help="the plugin")
+    p.add_argument("-c", "--count", type=_positive_int, default=1, help="number of pings (1)")
+    p.add_argument("--timeout", type=_positive_float, default=2.0, help="seconds per ping (2)")
+    p.set_defaults(func=cmd_ping)
+
+    p = add(
+        "watch",
+        "print plugins coming and going",
+        "Watch DIR and print a timestamped line for every plugin discovered, loaded, lost\n"
+        "or unloaded, until Ctrl-C. Plugins that are not lazy are loaded (/Activate) to list\n"
+        "their methods; on exit the command disconnects without unloading them.",
+        "examples:\n  goplug watch ./plugins",
+    )
+    p.add_argument("dir", metavar="DIR", help="plugin directory")
+    p.add_argument("--ext", default=".pconf", help="announce file extension (.pconf)")
+    p.set_defaults(func=cmd_watch)
+
+    p = add(
+        "serve",
+        "serve the plugins a Python file defines",
+        "Import FILE.py (or MODULE[:ATTR]) and serve its goplug.Plugin objects until SIGINT or\n"
+        "SIGTERM; then each plugin removes its .pconf and socket. MODULE:ATTR names one plugin\n"
+        "(or a list of them); a file or a bare MODULE serves every Plugin defined at module\n"
+        "level. The file is imported, not run as __main__, so it must not start its plugins\n"
+        'on import: guard plugin.serve_forever() with  if __name__ == "__main__":',
+        "examples:\n"
+        "  GOPLUG_DIR=./plugins goplug serve examples/python/do_plugin.py\n"
+        "  goplug serve myapp.plugins:translator",
+    )
+    p.add_argument("target", metavar="FILE.py|MODULE[:ATTR]", help="where the plugins are")
+    p.set_defaults(func=cmd_serve)
+
+    p = add(
+        "demo",
+        "run the guided tour",
+        "Start the example plugins (Python, and Node.js if node is installed) as separate\n"
+        "processes in a temporary directory, then discover, call, ping, subscribe to and\n"
+        "unload them, printing each step with its timing. Runs from a source checkout.",
+        "examples:\n  goplug demo",
+    )
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``goplug`` command with ``argv`` (default: the process's arguments)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "verbose"):
+        args.verbose = False
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.command != "serve":
+        _configure_logging(logging.INFO if args.verbose else logging.ERROR)
+        if args.command == "watch" and not args.verbose:
+            # Show why a plugin is skipped or cannot be loaded, next to the events.
+            _configure_logging(logging.WARNING, "%(asctime)s.%(msecs)03d  warning     %(message)s")
+    try:
+        status: int = args.func(args)
+        return status
+    except CommandError as exc:
+        if exc.status == 2:
+            parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.status
+    except GoPlugError as exc:
+        print(f"{PROG}: error: {_describe(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (goplug ls | head): not an error worth a traceback.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
