@@ -550,9 +550,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``goplug demo``: run the guided tour (see :mod:`goplug.demo`)."""
-    from goplug import demo
+    from goplug.demo import main as demo_main
 
-    return demo.main()
+    return demo_main()
 
 
 # -- the parser ------------------------------------------------------------------------------------

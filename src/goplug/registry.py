@@ -252,10 +252,30 @@ class PluginRegistry:
         with self._lock:
             return dict(self._broken)
 
-    def add_listener(self, fn: Callable[[PluginEvent], object]) -> None:
-        """Call ``fn(event)`` for every discovered / loaded / unloaded / lost event."""
+    def add_listener(self, fn: Callable[[PluginEvent], object], *, replay: bool = True) -> None:
+        """Call ``fn(event)`` for every discovered / loaded / unloaded / lost event.
+
+        With ``replay`` (the default) ``fn`` first receives a "discovered" event for every
+        plugin already announced and a "loaded" event for every one already loaded, so a
+        listener added after the registry started misses nothing. Listeners run on the thread
+        that caused the event; an exception they raise is logged.
+        """
         with self._lock:
             self._listeners.append(fn)
+            current = [(h, h.state) for _, h in sorted(self._handles.items())]
+        if not replay:
+            return
+        for handle, state in current:
+            kinds: list[EventKind] = []
+            if state is not PluginState.STOPPED:
+                kinds.append("discovered")
+            if state is PluginState.LOADED:
+                kinds.append("loaded")
+            for kind in kinds:
+                try:
+                    fn(PluginEvent(kind, handle.name, handle.namespace, handle))
+                except Exception:
+                    log.exception("registry listener raised on replayed %s event", kind)
 
     def remove_listener(self, fn: Callable[[PluginEvent], object]) -> None:
         """Stop calling ``fn``."""
@@ -277,6 +297,8 @@ class PluginRegistry:
         if handle is None or handle.state is PluginState.STOPPED:
             self._discovery.scan()
             handle = self._handles.get(identity)
+        if handle is not None and handle.state is PluginState.STOPPED:
+            self._rediscover(handle)
         if handle is None or handle.state is PluginState.STOPPED:
             error = self._broken_file_for(name, namespace)
             if error is not None:
@@ -448,10 +470,30 @@ class PluginRegistry:
         if not conf.lazy_load and self.auto_discover:
             self._schedule_load(handle)
 
+    def _rediscover(self, handle: PluginHandle) -> None:
+        """Take a lost plugin whose announce file is still there back to DISCOVERED."""
+        conf = handle.conf
+        if conf is None or not conf.path:
+            return
+        try:
+            fresh = self._read_conf(conf.path)
+        except ConfigError:
+            return
+        with self._lock:
+            if handle.state is not PluginState.STOPPED or fresh.identity != conf.identity:
+                return
+            handle.conf = fresh
+            handle.state = PluginState.DISCOVERED
+        self._emit("discovered", handle)
+
     def _schedule_load(self, handle: PluginHandle) -> None:
         def run() -> None:
             try:
                 self._load(handle)
+            except PluginConnectionError as exc:
+                # Typically an announce file left by a plugin that died: nobody listens. It is
+                # tried again only when the file changes (the plugin starts anew).
+                self._lose(handle, f"nobody answers: {exc}")
             except GoPlugError as exc:
                 log.warning("could not load plugin %s: %s", handle.label, exc)
 
@@ -470,6 +512,8 @@ class PluginRegistry:
                 if handle.state is PluginState.LOADED:
                     raise PluginAlreadyLoaded(f"plugin {handle.label} is already loaded")
                 raise PluginNotDiscovered(f"plugin {handle.label} is not discovered")
+        if not os.path.lexists(conf.sock):
+            raise PluginConnectionError(f"plugin {handle.label}: no socket at {conf.sock}")
         check_owner(conf.sock, self._allowed, f"socket of {handle.label}", want_socket=True)
         client = PluginClient(conf, self._transport, self.settings.client)
         try:

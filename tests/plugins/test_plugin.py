@@ -1,0 +1,97 @@
+"""A plugin process for the tests: python test_plugin.py DIR NAME [NAMESPACE] [--lazy]."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import sys
+import threading
+import time
+
+import goplug
+
+
+def build(location: str, name: str, namespace: str = "", lazy: bool = False) -> goplug.Plugin:
+    plugin = goplug.Plugin(
+        location,
+        name,
+        namespace,
+        lazy_load=lazy,
+        activator=lambda data: None,
+        stopper=lambda data: b"stopped",
+    )
+
+    @plugin.method
+    def Echo(data: bytes) -> bytes:
+        return data
+
+    @plugin.method
+    def Upper(data: bytes) -> bytes:
+        return data.upper()
+
+    @plugin.method
+    def Fail(data: bytes) -> bytes:
+        raise ValueError("deliberate failure: " + data.decode())
+
+    @plugin.method
+    def Sleep(data: bytes) -> bytes:
+        time.sleep(float(data or b"3600"))
+        return b"slept"
+
+    @plugin.method
+    async def AsyncEcho(data: bytes) -> bytes:
+        await asyncio.sleep(0.001)
+        return b"async:" + data
+
+    @plugin.method
+    def Pid(data: bytes) -> bytes:
+        return str(os.getpid()).encode()
+
+    @plugin.method
+    def Exit(data: bytes) -> bytes:
+        os._exit(3)
+
+    @plugin.method
+    def Segfault(data: bytes) -> bytes:
+        ctypes.string_at(0)
+        return b""
+
+    @plugin.method
+    def Big(data: bytes) -> bytes:
+        return b"x" * int(data)
+
+    @plugin.method
+    def Callbacks(data: bytes) -> bytes:
+        return ",".join(plugin.callbacks).encode()
+
+    @plugin.method
+    def Notify(data: bytes) -> bytes:
+        name, _, payload = data.partition(b"\n")
+        return str(plugin.notify(name.decode(), payload)).encode()
+
+    @plugin.method
+    def NotifyMany(data: bytes) -> bytes:
+        # "name\ncount": notify name with b"0", b"1", ... from a background thread
+        name, _, count = data.partition(b"\n")
+
+        def run() -> None:
+            for i in range(int(count)):
+                plugin.notify(name.decode(), str(i).encode())
+
+        threading.Thread(target=run, daemon=True).start()
+        return b"started"
+
+    return plugin
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    location, name = args[0], args[1]
+    namespace = args[2] if len(args) > 2 else ""
+    plugin = build(location, name, namespace, lazy="--lazy" in sys.argv)
+    plugin.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
