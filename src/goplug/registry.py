@@ -308,7 +308,11 @@ class PluginRegistry:
             )
         if handle.state is PluginState.LOADED:
             raise PluginAlreadyLoaded(f"plugin {handle.label} is already loaded")
-        self._load(handle)
+        try:
+            self._load(handle)
+        except PluginConnectionError as exc:
+            self._lose(handle, f"nobody answers: {exc}")
+            raise
         return handle
 
     def unload_plugin(self, handle: PluginHandle) -> None:
@@ -463,6 +467,10 @@ class PluginRegistry:
                 return  # the same live plugin rewrote its file
             self._lose(handle, "the plugin announced itself anew")
         elif state is PluginState.DISCOVERED:
+            if previous is not None and _same_endpoint(previous, conf):
+                return
+            if not conf.lazy_load and self.auto_discover:
+                self._schedule_load(handle)  # announced anew: a new process may be listening
             return
         with self._lock:
             handle.state = PluginState.DISCOVERED
