@@ -101,6 +101,7 @@ class PluginHandle:
         """The announce file this plugin was last discovered from."""
         self._client: PluginClient | None = None
         self._subscriptions: list[Subscription] = []
+        self._load_lock = threading.Lock()  # one load at a time (discovery vs load_plugin)
 
     @property
     def label(self) -> str:
@@ -513,6 +514,10 @@ class PluginRegistry:
             self._loader.submit(run)
 
     def _load(self, handle: PluginHandle) -> None:
+        with handle._load_lock:
+            self._load_locked(handle)
+
+    def _load_locked(self, handle: PluginHandle) -> None:
         with self._lock:
             self._check_open()
             conf = handle.conf
