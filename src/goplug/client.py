@@ -92,6 +92,7 @@ class Connection:
     def exchange(self, request: bytes, body: bytes | None, timeout: float) -> Message:
         """Send one request and read its response (raises OSError, FramingError, TimeoutError)."""
         sock = self.sock
+        started = time.monotonic()
         if timeout != self.timeout:
             self.set_timeout(timeout)
         if body is None:
@@ -100,10 +101,8 @@ class Connection:
             sock.sendall(request)
             sock.sendall(body)
         reader = self.reader
-        msg = reader.next_message()
-        if msg is not None:  # left over from an earlier exchange: the peer broke the protocol
+        if reader.in_message:  # left over from an earlier exchange: the peer broke the protocol
             raise FramingError("unsolicited response")
-        deadline = 0.0
         while True:
             sink = reader.body_sink()
             if sink is not None:
@@ -122,14 +121,15 @@ class Connection:
             msg = reader.next_message()
             if msg is not None:
                 return msg
-            # Each recv is bounded by SO_RCVTIMEO; this bounds a response that trickles in.
             if timeout <= 0:
                 continue
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + timeout
-            elif now > deadline:
+            # A response that trickles in: shrink SO_RCVTIMEO to what is left of the call's
+            # timeout (in steps, to spare a system call per chunk of a large body).
+            remaining = started + timeout - time.monotonic()
+            if remaining <= 0:
                 raise TimeoutError("response not complete within the timeout")
+            if remaining < self.timeout - 0.05:
+                self.set_timeout(remaining)
 
 
 class PluginClient:

@@ -116,6 +116,7 @@ class Server:
         self._label = label
         self._allowed = settings.allowed_uids
         self._conns: set[socket.socket] = set()
+        self._routes: dict[str, str] = {}  # request target -> route, for repeated calls
         self._lock = threading.Lock()
         self._closing = False
         self._accept_thread = threading.Thread(
@@ -194,9 +195,12 @@ class Server:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         reader = MessageReader(False, settings.limits)
-        idle_since = time.monotonic()
-        started = 0.0
-        served = 0
+        idle_limit = max(1, int(settings.idle_timeout / timeout))
+        idle_periods = 0  # request timeouts that expired while nothing was pending
+        started = 0.0  # when a partial request was first seen (for slow senders)
+        served = False
+        recv = conn.recv
+        answer = self._answer
         try:
             while True:
                 try:
@@ -204,43 +208,42 @@ class Server:
                 except FramingError as exc:
                     self._refuse(conn, exc.status, "ProtocolError", str(exc))
                     return
-                if msg is None:
-                    sink = reader.body_sink()
-                    try:
-                        if sink is not None:
-                            n = conn.recv_into(sink)
-                            if n:
-                                reader.sink_filled(n)
-                            data = b"" if not n else None
-                        else:
-                            data = conn.recv(_RECV)
-                    except BlockingIOError:  # SO_RCVTIMEO expired
-                        now = time.monotonic()
-                        if reader.in_message:
-                            self._refuse(conn, 408, "RequestTimeout", "the request took too long")
-                            return
-                        if not served or now - idle_since >= settings.idle_timeout:
-                            return
-                        continue
-                    if data is not None:
-                        if not data:
-                            return
-                        reader.feed(data)
-                    if reader.in_message:
-                        now = time.monotonic()
-                        if not started:
-                            started = now
-                        elif now - started > timeout:
-                            self._refuse(conn, 408, "RequestTimeout", "the request took too long")
-                            return
+                if msg is not None:
+                    started = 0.0
+                    idle_periods = 0
+                    served = True
+                    if not answer(conn, msg) or not msg.keep_alive:
+                        return
                     continue
-                started = 0.0
-                if not self._answer(conn, msg):
+                partial = reader.in_message
+                if partial:
+                    # Each recv is bounded by SO_RCVTIMEO; this bounds a request that trickles.
+                    now = time.monotonic()
+                    if not started:
+                        started = now
+                    elif now - started > timeout:
+                        self._refuse(conn, 408, "RequestTimeout", "the request took too long")
+                        return
+                try:
+                    sink = reader.body_sink()
+                    if sink is not None:
+                        n = conn.recv_into(sink)
+                        if not n:
+                            return
+                        reader.sink_filled(n)
+                        continue
+                    data = recv(_RECV)
+                except BlockingIOError:  # SO_RCVTIMEO expired
+                    if partial:
+                        self._refuse(conn, 408, "RequestTimeout", "the request took too long")
+                        return
+                    idle_periods += 1
+                    if not served or idle_periods >= idle_limit:
+                        return
+                    continue
+                if not data:
                     return
-                served += 1
-                if not msg.keep_alive:
-                    return
-                idle_since = time.monotonic()
+                reader.feed(data)
         except OSError:
             pass
         finally:
@@ -253,14 +256,20 @@ class Server:
 
     def _answer(self, conn: socket.socket, msg: Message) -> bool:
         """Answer one request; return False when the connection must end."""
-        route = routes.route_of(msg.target, self._prefix)
+        target = msg.target
+        route = self._routes.get(target)
+        if route is None:
+            route = routes.route_of(target, self._prefix)
+            if len(self._routes) < 4096:
+                self._routes[target] = route
         method = self._methods.get(route)
         if method is not None:
             try:
-                result = method(msg.body)
-                if inspect.isawaitable(result):
-                    result = _AsyncRunner.run(result, self._loop)
-                body = _as_bytes(result, route)
+                body = method(msg.body)
+                if type(body) is not bytes:
+                    if inspect.isawaitable(body):
+                        body = _AsyncRunner.run(body, self._loop)
+                    body = _as_bytes(body, route)
             except Exception as exc:
                 return self._send_error(conn, 500, exc)
             n = len(body)
