@@ -77,7 +77,7 @@ class RegistrySettings:
     health_interval: float = 0.5
     """How often idle connections are checked for a plugin that went away (seconds)."""
     use_inotify: bool = True
-    """Watch the directory with inotify (watchfiles); False polls it."""
+    """Watch the directory with inotify; False polls it."""
     poll_interval: float = 0.1
     """Polling period when inotify is not used (seconds)."""
 
