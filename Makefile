@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m compileall -q src
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,7 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick,)
 
 soak: $(STAMP)
-	$(PY) -m goplug.soak $(if $(SECONDS_),--seconds $(SECONDS_),)
+	$(PY) -m goplug.soak $(if $(SOAK_SECONDS),--seconds $(SOAK_SECONDS),)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
