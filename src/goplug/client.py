@@ -110,6 +110,7 @@ class Connection:
                 if not n:
                     raise FramingError("connection closed in the middle of a message")
                 reader.sink_filled(n)
+                msg = reader.next_message()
             else:
                 data = sock.recv(_RECV)
                 if not data:
@@ -117,8 +118,7 @@ class Connection:
                     if msg is None:
                         raise ConnectionResetError("the plugin closed the connection")
                     return msg
-                reader.feed(data)
-            msg = reader.next_message()
+                msg = reader.receive(data)
             if msg is not None:
                 return msg
             if timeout <= 0:

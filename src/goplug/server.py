@@ -201,19 +201,18 @@ class Server:
         served = False
         recv = conn.recv
         answer = self._answer
+        msg: Message | None = None
         try:
             while True:
-                try:
+                if msg is None:
                     msg = reader.next_message()
-                except FramingError as exc:
-                    self._refuse(conn, exc.status, "ProtocolError", str(exc))
-                    return
                 if msg is not None:
                     started = 0.0
                     idle_periods = 0
                     served = True
                     if not answer(conn, msg) or not msg.keep_alive:
                         return
+                    msg = None
                     continue
                 partial = reader.in_message
                 if partial:
@@ -243,7 +242,9 @@ class Server:
                     continue
                 if not data:
                     return
-                reader.feed(data)
+                msg = reader.receive(data)
+        except FramingError as exc:
+            self._refuse(conn, exc.status, "ProtocolError", str(exc))
         except OSError:
             pass
         finally:

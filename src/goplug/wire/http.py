@@ -168,6 +168,27 @@ class MessageReader:
         else:
             self._buf = data
 
+    def receive(self, data: bytes) -> Message | None:
+        """Feed ``data`` and return the next complete message, if there is one now.
+
+        The same as :meth:`feed` then :meth:`next_message`, with a shortcut for the usual case:
+        one whole message arriving on an idle connection.
+        """
+        if not self._buf and self._msg is None and not self._eof:
+            self._buf = data
+            if self._is_response:
+                if data.startswith(_OK_PREFIX):
+                    msg = self._fast_ok(data)
+                    if msg is not None:
+                        return msg
+            elif data.startswith(b"POST /"):
+                msg = self._fast_post(data)
+                if msg is not None:
+                    return msg
+            return self.next_message()
+        self.feed(data)
+        return self.next_message()
+
     def feed_eof(self) -> Message | None:
         """Record that the peer closed; return a close-delimited message it completes, if any.
 
@@ -220,8 +241,15 @@ class MessageReader:
         """Return the next complete message, or ``None`` if more bytes are needed."""
         if self._msg is None:
             buf = self._buf
-            if self._is_response and buf.startswith(_OK_PREFIX, self._pos):
-                fast = self._fast_ok(buf)
+            if self._pos >= len(buf):
+                return None
+            if self._is_response:
+                if buf.startswith(_OK_PREFIX, self._pos):
+                    fast = self._fast_ok(buf)
+                    if fast is not None:
+                        return fast
+            elif buf.startswith(b"POST /", self._pos):
+                fast = self._fast_post(buf)
                 if fast is not None:
                     return fast
             if not self._parse_head():
@@ -260,7 +288,39 @@ class MessageReader:
             self._buf, self._pos = b"", 0
         else:
             self._pos = stop
-        return Message(status=200, reason="OK", body=body)
+        return Message("", "", 200, "OK", None, body)
+
+    def _fast_post(self, buf: bytes) -> Message | None:
+        """Parse a complete POST whose only headers are Host and Content-Length, or return None.
+
+        That is every call a goplug registry makes; anything else takes the general path.
+        """
+        pos = self._pos
+        end = buf.find(b"\r\n\r\n", pos, pos + 1024)
+        if end < 0:
+            return None
+        head = buf[pos:end]
+        lines = head.split(b"\r\n")
+        if len(lines) != 3 or head.count(b"\n") != 2:
+            return None
+        request_line, host, length = lines
+        if not host.startswith(b"Host: ") or not length.startswith(b"Content-Length: "):
+            return None
+        parts = request_line.split(b" ")
+        digits = length[16:]
+        if len(parts) != 3 or parts[2] != b"HTTP/1.1" or not digits.isdigit():
+            return None
+        n = int(digits)
+        start = end + 4
+        stop = start + n
+        if n > self._limits.max_body or stop > len(buf) or not parts[1].isascii():
+            return None  # the general path reports the limit or waits for the rest
+        if stop == len(buf):
+            self._buf, self._pos = b"", 0
+        else:
+            self._pos = stop
+        headers = {b"host": host[6:].strip(), b"content-length": digits}
+        return Message("POST", parts[1].decode("ascii"), 0, "", headers, buf[start:stop])
 
     def _finish(self) -> Message:
         msg = self._msg
