@@ -125,9 +125,15 @@ class CallbackHub:
         """
         key = (subscriber or "", name)
         with self._cond:
+            if self._closed:
+                return None
             sub = self._subs.get(key)
             if sub is None:
                 sub = self._subs[key] = _Subscriber(key, name, legacy=subscriber is None)
+                # Number on from what the subscriber already has (it may come back after this
+                # plugin restarted or forgot it), so an answer lost now is sent again, not
+                # dropped as already acknowledged.
+                sub.last_seq = ack if subscriber is not None else 0
             sub.waiting += 1
             try:
                 queue = sub.queue
@@ -135,7 +141,7 @@ class CallbackHub:
                     queue.popleft()
                 self._cond.notify_all()  # room may have appeared for a blocked notify
                 while not queue:
-                    if self._closed or key not in self._subs:
+                    if self._closed or self._subs.get(key) is not sub:
                         return None
                     self._cond.wait(check_every)
                     if not queue and cancelled():

@@ -434,7 +434,9 @@ class PluginRegistry:
         for path in changed:
             try:
                 conf = self._read_conf(path)
-            except ConfigError as exc:
+            except Exception as exc:
+                if not isinstance(exc, ConfigError):
+                    exc = ConfigError(f"unreadable: {exc!r:.200}", path)
                 with self._lock:
                     first = path not in self._broken or str(self._broken[path]) != str(exc)
                     self._broken[path] = exc

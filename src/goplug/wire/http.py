@@ -288,7 +288,7 @@ class MessageReader:
             self._buf, self._pos = b"", 0
         else:
             self._pos = stop
-        return Message("", "", 200, "OK", None, body)
+        return Message("", "", 200, "OK", {b"content-length": digits}, body)
 
     def _fast_post(self, buf: bytes) -> Message | None:
         """Parse a complete POST whose only headers are Host and Content-Length, or return None.
@@ -425,16 +425,20 @@ class MessageReader:
                 pos += 1 if buf[pos] == 10 else 2
             self._pos = pos
         end = buf.find(b"\r\n\r\n", pos)
-        if end >= 0 and buf.find(b"\n\n", pos, end) < 0 and buf.find(b"\n\r\n", pos, end) < 0:
+        # A bare-LF line may end the head earlier ("\n\n" or "\n\r\n" before the CRLFCRLF).
+        if (
+            end >= 0
+            and buf.find(b"\n\n", pos, end + 2) < 0
+            and buf.find(b"\n\r\n", pos, end + 2) < 0
+        ):
             body_start = end + 4
             head = buf[pos:end]
             lines = head.split(b"\r\n")
             if head.count(b"\n") != len(lines) - 1:  # a bare LF among CRLFs
                 lines = [ln.rstrip(b"\r") for ln in head.split(b"\n")]
         else:
-            limit = end if end >= 0 else len(buf)
-            end_lf = buf.find(b"\n\n", pos, limit + 2)
-            end_mixed = buf.find(b"\n\r\n", pos, limit + 3)
+            end_lf = buf.find(b"\n\n", pos)
+            end_mixed = buf.find(b"\n\r\n", pos)
             ends = [e for e in (end_lf, end_mixed) if e >= 0]
             if not ends:
                 if len(buf) - pos > self._limits.max_head:
@@ -451,9 +455,13 @@ class MessageReader:
         headers = msg.headers
         for i in range(1, len(lines)):
             name, sep, value = lines[i].partition(b":")
-            if not sep or not name or name[-1] in _WS or name[0] in _WS:
+            if not sep or not name or b" " in name or b"\t" in name:
                 raise FramingError(f"bad header line {lines[i][:40]!r}")
-            headers[name.lower()] = value.strip()
+            key = name.lower()
+            value = value.strip()
+            if key == b"content-length" and headers.get(key, value) != value:
+                raise FramingError("conflicting content-length headers")
+            headers[key] = value
         self._pos = body_start
         self._msg = msg
         self._setup_body(msg)
@@ -482,10 +490,10 @@ class MessageReader:
         headers = msg.headers
         connection = headers.get(b"connection")
         if connection is not None:
-            connection = connection.lower()
-            if connection == b"close":
+            options = {option.strip() for option in connection.lower().split(b",")}
+            if b"close" in options:
                 msg.keep_alive = False
-            elif connection == b"keep-alive" and msg.target:
+            elif b"keep-alive" in options and msg.target:
                 msg.keep_alive = True
         cl = headers.get(b"content-length")
         te = headers.get(b"transfer-encoding")

@@ -14,7 +14,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from goplug.errors import ConfigError
 
@@ -32,7 +32,9 @@ __all__ = [
 MAX_PCONF_BYTES: Final = 64 * 1024
 PROTOCOL_VERSION: Final = "goplug/1"
 
-_TRAILING_COMMA = re.compile(rb",(\s*[}\]])")
+# A JSON string, or a comma right before a closing bracket (strings are matched so that commas
+# inside them are left alone).
+_STRING_OR_TRAILING_COMMA = re.compile(r'"(?:\\.|[^"\\])*"|,(\s*[}\]])')
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -86,8 +88,11 @@ class PluginConf:
 
 
 def default_url(name: str, namespace: str) -> str:
-    """Return GoPlug's default Url for a plugin: ``unix://<NameSpace><Name>``."""
-    return f"unix://{namespace}{name}"
+    """Return GoPlug's default Url for a plugin: ``unix://<NameSpace><Name>``.
+
+    Characters a URL host cannot hold are %-encoded, so any valid name gives a valid Url.
+    """
+    return "unix://" + quote(namespace + name, safe="!$&'()*+,;=:@~")
 
 
 _FIELDS: Final = {
@@ -101,27 +106,39 @@ _FIELDS: Final = {
 }
 
 
+def _drop_trailing_commas(text: str) -> str:
+    return _STRING_OR_TRAILING_COMMA.sub(
+        lambda m: m.group(1) if m.group(1) is not None else m.group(0), text
+    )
+
+
 def _decode_object(data: bytes, path: str) -> dict[str, Any]:
-    text = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
-    text = text.strip()
+    raw = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+    # surrogateescape keeps undecodable bytes after the object from failing the whole file;
+    # the object itself is checked to be UTF-8 below.
+    text = raw.decode("utf-8", "surrogateescape").strip()
     if not text:
         raise ConfigError("the file is empty", path)
     decoder = json.JSONDecoder()
     candidates = [text]
-    if b"," in text:
-        candidates.append(_TRAILING_COMMA.sub(rb"\1", text))
+    if "," in text:
+        candidates.append(_drop_trailing_commas(text))
     error: Exception | None = None
     for candidate in candidates:
         try:
-            value, _ = decoder.raw_decode(candidate.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"not UTF-8 text ({exc.reason})", path) from None
-        except ValueError as exc:
+            value, end = decoder.raw_decode(candidate)
+        except (ValueError, RecursionError) as exc:
             error = error or exc
             continue
+        try:
+            candidate[:end].encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError("not UTF-8 text", path) from None
         if not isinstance(value, dict):
             raise ConfigError(f"expected a JSON object, found {type(value).__name__}", path)
         return value
+    if isinstance(error, RecursionError):
+        raise ConfigError("JSON nested too deeply", path)
     raise ConfigError(f"not valid JSON: {error}", path)
 
 
@@ -148,8 +165,11 @@ def parse_pconf(data: bytes, path: str = "") -> PluginConf:
     sock = values.get("sock", "")
     if not sock:
         raise ConfigError("missing key 'Sock'", path)
-    check_name(name, "name")
-    check_name(namespace, "namespace")
+    try:
+        check_name(name, "name")
+        check_name(namespace, "namespace")
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, path) from None
     if "\x00" in sock:
         raise ConfigError("'Sock' contains a NUL byte", path)
     if not os.path.isabs(sock):

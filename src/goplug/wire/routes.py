@@ -81,17 +81,17 @@ def parse_activation(body: bytes) -> tuple[list[str], bytes]:
     Empty names and ``null`` (GoPlug pads its array with one ``""`` per built-in route) are
     skipped; anything after the array is returned as the activator's output.
     """
-    text = body.decode("utf-8", errors="replace")
-    stripped = text.lstrip()
+    # surrogateescape round-trips every byte, so the activator's output comes back unchanged.
+    stripped = body.decode("utf-8", "surrogateescape").lstrip()
     try:
         value, end = json.JSONDecoder().raw_decode(stripped)
-    except ValueError as exc:
-        raise ProtocolError(f"/Activate did not answer a JSON array: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"/Activate did not answer a JSON array: {exc!r:.200}") from None
     if value is None:
         return [], b""
     if not isinstance(value, list) or not all(v is None or isinstance(v, str) for v in value):
         raise ProtocolError("/Activate did not answer a JSON array of strings")
-    rest = stripped[end:].encode("utf-8")
+    rest = stripped[end:].encode("utf-8", "surrogateescape")
     return [v for v in value if v], rest
 
 
@@ -99,7 +99,7 @@ def parse_callback_name(body: bytes) -> str:
     """Decode the JSON string a `/RegisterCallback` or `/Unsubscribe` request carries."""
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ProtocolError("the callback name must be a JSON string") from None
     if not isinstance(value, str) or not value:
         raise ProtocolError("the callback name must be a non-empty JSON string")
@@ -146,7 +146,7 @@ def error_from_response(response: Message, route: str) -> GoPlugError:
     if response.body and response.header(b"content-type").startswith(b"application/json"):
         try:
             decoded = json.loads(response.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             decoded = None
         if isinstance(decoded, dict):
             info = {k: str(v) for k, v in decoded.items() if isinstance(v, str | int)}
