@@ -298,7 +298,9 @@ class PluginHandle:
         loop = asyncio.get_running_loop()
         started = loop.time()
         settings = self._registry.settings.client
-        msg = await self._call(routes.PING, b"Test Data", timeout or settings.ping_timeout)
+        msg = await self._call(
+            routes.PING, b"Test Data", settings.ping_timeout if timeout is None else timeout
+        )
         if msg.status != 200:
             raise routes.error_from_response(msg, routes.PING)
         if msg.body != b"Test Data":

@@ -38,6 +38,8 @@ __all__ = ["ClientSettings", "Connection", "PluginClient", "Subscription"]
 log = logging.getLogger("goplug.client")
 
 _RECV = 65536
+# Answers after which a plugin closes the connection (docs/PROTOCOL.md §6).
+_CLOSING_STATUSES = frozenset({400, 408, 413, 503})
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,17 @@ class Connection:
         started = time.monotonic()
         if timeout != self.timeout:
             self.set_timeout(timeout)
-        if body is None:
+        try:
             sock.sendall(request)
-        else:
-            sock.sendall(request)
-            sock.sendall(body)
+            if body is not None:
+                sock.sendall(body)
+        except (BrokenPipeError, ConnectionResetError):
+            # The plugin may have refused the request (413) and closed before reading it all:
+            # its answer is still there to read.
+            answer = self._answer_after_failed_send()
+            if answer is None:
+                raise
+            return answer
         reader = self.reader
         if reader.in_message:  # left over from an earlier exchange: the peer broke the protocol
             raise FramingError("unsolicited response")
@@ -131,6 +139,20 @@ class Connection:
             if remaining < self.timeout - 0.05:
                 self.set_timeout(remaining)
 
+    def _answer_after_failed_send(self) -> Message | None:
+        try:
+            self.set_timeout(0.2)
+            while True:
+                data = self.sock.recv(_RECV)
+                if not data:
+                    return self.reader.feed_eof()
+                msg = self.reader.receive(data)
+                if msg is not None:
+                    msg.keep_alive = False
+                    return msg
+        except (OSError, FramingError):
+            return None
+
 
 class PluginClient:
     """Calls to one plugin over a pool of persistent connections."""
@@ -147,6 +169,7 @@ class PluginClient:
         self._idle: deque[Connection] = deque()
         self._busy: set[Connection] = set()
         self._closed = False
+        self._closed_error: GoPlugError = RegistryClosed("the registry was closed")
         self._host = conf.host.encode("ascii")
         self._path = conf.path_prefix.encode("ascii")
         self._prefixes: dict[str, bytes] = {}
@@ -182,7 +205,7 @@ class PluginClient:
             busy.discard(conn)
             conn.close()
             if self._closed:
-                raise RegistryClosed("the registry was closed during the call") from None
+                raise self._closed_error from None
             if "closed in the middle" in str(exc):
                 raise PluginConnectionError(f"{self._label}: /{route}: {exc}") from None
             raise ProtocolError(f"{self._label}: /{route}: {exc}") from None
@@ -190,14 +213,14 @@ class PluginClient:
             busy.discard(conn)
             conn.close()
             if self._closed:
-                raise RegistryClosed("the registry was closed during the call") from None
+                raise self._closed_error from None
             reason = exc.strerror or str(exc) or type(exc).__name__
             raise PluginConnectionError(
                 f"{self._label}: connection lost during /{route}: {reason}"
             ) from None
         busy.discard(conn)
         conn.idle_sweeps = 0
-        if msg.keep_alive and not self._closed:
+        if msg.keep_alive and not self._closed and msg.status not in _CLOSING_STATUSES:
             self._idle.append(conn)
         else:
             conn.close()
@@ -223,7 +246,7 @@ class PluginClient:
 
     def _acquire(self) -> Connection:
         if self._closed:
-            raise RegistryClosed(f"{self._label}: the connection pool is closed")
+            raise self._closed_error
         try:
             return self._idle.pop()
         except IndexError:
@@ -268,6 +291,28 @@ class PluginClient:
             self._idle.append(conn)
         return healthy
 
+    def probe(self, timeout: float) -> bool | None:
+        """Ping the plugin on a fresh connection; tell whether it is there.
+
+        True if it answers, False if it is gone, None if it accepted the connection but did not
+        answer in time (hung, not gone).
+        A bare connect is not enough: a dying process may still accept for a moment.
+        """
+        try:
+            conn = self.connect()
+        except PluginConnectionError:
+            return False
+        request = self._prefix("Ping", b"") + b"9\r\n\r\nTest Data"
+        try:
+            msg = conn.exchange(request, None, timeout)
+        except (BlockingIOError, TimeoutError):
+            return None
+        except (OSError, FramingError):
+            return False
+        finally:
+            conn.close()
+        return msg.status == 200
+
     def expire_idle(self, max_sweeps: int) -> None:
         """Close idle connections that stayed unused for ``max_sweeps`` sweeps (keep one)."""
         for _ in range(len(self._idle) - 1):
@@ -277,8 +322,14 @@ class PluginClient:
             with contextlib.suppress(IndexError):
                 self._idle.popleft().close()
 
-    def close(self) -> None:
-        """Close every connection, waking calls in flight (they raise RegistryClosed)."""
+    def close(self, error: GoPlugError | None = None) -> None:
+        """Close every connection, waking calls in flight.
+
+        They raise ``error``: by default RegistryClosed, the registry passes
+        PluginConnectionError when it closes the pool of a plugin it lost.
+        """
+        if error is not None:
+            self._closed_error = error
         self._closed = True
         while self._idle:
             with contextlib.suppress(IndexError):
@@ -319,6 +370,7 @@ class Subscription:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._conn: Connection | None = None
+        self._answered = False
         self._conn_lock = threading.Lock()
         self._body = routes_json(name)
         self._thread = threading.Thread(
@@ -367,10 +419,13 @@ class Subscription:
                     conn.close()
                     return
                 self._conn = conn
+            self._answered = False
             try:
                 self._poll_loop(client, conn)
                 delay = 0.01
             except (OSError, FramingError, ProtocolError) as exc:
+                if self._answered:
+                    delay = 0.01  # this connection worked: a cut is news, not a pattern
                 if self._stop.is_set():
                     break
                 log.info("callback %r: poll cut (%s); re-subscribing", self.name, exc)
@@ -401,6 +456,7 @@ class Subscription:
             )
             if msg.status != 200:
                 raise routes.error_from_response(msg, routes.REGISTER_CALLBACK)
+            self._answered = True
             seq_text = msg.header(routes.SEQ_HEADER)
             if seq_text:
                 count_text = msg.header(routes.COUNT_HEADER, b"1")

@@ -134,7 +134,9 @@ class PluginHandle:
         started = time.perf_counter()
         try:
             body = client.request(
-                routes.PING, _PING_DATA, timeout or self._registry.settings.client.ping_timeout
+                routes.PING,
+                _PING_DATA,
+                self._registry.settings.client.ping_timeout if timeout is None else timeout,
             )
         except PluginConnectionError:
             self._registry._check_alive(self, client)
@@ -564,18 +566,16 @@ class PluginRegistry:
             client, handle._client = handle._client, None
             handle.state = PluginState.STOPPED
         if client is not None:
-            client.close()
+            client.close(PluginConnectionError(f"plugin {handle.label} was lost: {reason}"))
         log.info("lost plugin %s: %s", handle.label, reason)
         self._emit("lost", handle, reason)
 
     def _check_alive(self, handle: PluginHandle, client: PluginClient | None) -> None:
-        """After a connection failure: if nobody listens on the socket, the plugin is lost."""
+        """After a connection failure: if the plugin does not answer a ping, it is lost."""
         if client is None or handle._client is not client or self._closed:
             return
-        try:
-            client.connect().close()
-        except PluginConnectionError as exc:
-            self._lose(handle, str(exc))
+        if client.probe(self.settings.client.ping_timeout) is False:
+            self._lose(handle, "the plugin went away")
 
     def _health_check(self) -> None:
         with self._lock:

@@ -183,7 +183,7 @@ class Server:
     def _refuse(self, conn: socket.socket, status: int, kind: str, message: str) -> None:
         body = routes.error_body(kind, message)
         with contextlib.suppress(OSError):
-            conn.sendall(response_head(status, len(body), _JSON) + body)
+            conn.sendall(response_head(status, len(body), _JSON + b"Connection: close\r\n") + body)
         conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
