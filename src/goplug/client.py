@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from goplug import memory
 from goplug.errors import (
     CallTimeout,
     GoPlugError,
@@ -114,6 +115,8 @@ class Connection:
         while True:
             sink = reader.body_sink()
             if sink is not None:
+                if not memory.tuned:
+                    memory.tune_malloc()
                 n = sock.recv_into(sink)
                 if not n:
                     raise FramingError("connection closed in the middle of a message")

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from goplug import memory
 from goplug.callbacks import CallbackHub
 from goplug.errors import GoPlugError, ProtocolError
 from goplug.transport import peer_uid
@@ -226,6 +227,8 @@ class Server:
                 try:
                     sink = reader.body_sink()
                     if sink is not None:
+                        if not memory.tuned:
+                            memory.tune_malloc()
                         n = conn.recv_into(sink)
                         if not n:
                             return
