@@ -20,6 +20,7 @@ import inspect
 import os
 from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import cast
 
 from goplug import plugin as _plugin
 from goplug import registry as _registry
@@ -55,8 +56,7 @@ class _Connection(asyncio.Protocol):
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
         waiter = self.waiter
@@ -203,7 +203,7 @@ class _Pool:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
+            transport, conn = await asyncio.wait_for(
                 loop.create_unix_connection(
                     lambda: _Connection(self._limits), self.client.conf.sock
                 ),
@@ -213,6 +213,8 @@ class _Pool:
             raise PluginConnectionError(
                 f"cannot connect to {self.client.conf.sock}: {exc or 'timed out'}"
             ) from None
+        # uvloop may call connection_made only after returning the pair.
+        conn.transport = transport
         return conn
 
     def close(self) -> None:
