@@ -8,22 +8,21 @@ acknowledged, so a poll cut in flight loses nothing (docs/PROTOCOL.md §5).
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from goplug.errors import CallbackNotFound, NotifyTimeout
+from goplug.logs import LazyLogger
 
 __all__ = ["Batch", "CallbackHub", "CallbackSettings"]
 
-log = logging.getLogger("goplug.callbacks")
+log = LazyLogger("goplug.callbacks")
 
 
-@dataclass(frozen=True)
-class CallbackSettings:
+class CallbackSettings(NamedTuple):
     """Bounds of the plugin's callback queues."""
 
     max_queue: int = 10_000
@@ -38,19 +37,20 @@ class CallbackSettings:
     """Most bytes answered to one poll (one notification is always sent, whatever its size)."""
 
 
-@dataclass(eq=False)
 class _Subscriber:
-    key: tuple[str, str]
-    name: str
-    legacy: bool
-    queue: deque[tuple[int, bytes]] = field(default_factory=deque)
-    last_seq: int = 0
-    waiting: int = 0
-    last_seen: float = field(default_factory=time.monotonic)
+    __slots__ = ("key", "last_seen", "last_seq", "legacy", "name", "queue", "waiting")
+
+    def __init__(self, key: tuple[str, str], name: str, legacy: bool) -> None:
+        self.key = key
+        self.name = name
+        self.legacy = legacy
+        self.queue: deque[tuple[int, bytes]] = deque()
+        self.last_seq = 0
+        self.waiting = 0
+        self.last_seen = time.monotonic()
 
 
-@dataclass(frozen=True)
-class Batch:
+class Batch(NamedTuple):
     """What one poll answers: notifications numbered from :attr:`first_seq` (0 for legacy)."""
 
     first_seq: int

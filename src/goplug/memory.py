@@ -10,14 +10,15 @@ the allocator's defaults.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import threading
 
+from goplug.logs import LazyLogger
+
 __all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "tune_malloc"]
 
-log = logging.getLogger("goplug.memory")
+log = LazyLogger("goplug.memory")
 
 MMAP_THRESHOLD = 32 * 1024 * 1024
 """Blocks up to this size come from the heap (glibc's maximum for this setting)."""

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
-import logging
 import os
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import FrameType, TracebackType
-from typing import overload
+from typing import NamedTuple, overload
 
 from goplug.callbacks import CallbackHub, CallbackSettings
 from goplug.errors import ConfigError, GoPlugError
+from goplug.logs import LazyLogger
 from goplug.server import MethodFunc, Server, ServerSettings
 from goplug.transport import Transport, UnixTransport, socket_path_for
 from goplug.wire import routes
@@ -31,19 +29,26 @@ from goplug.wire.pconf import (
 
 __all__ = ["Plugin", "PluginSettings", "serve"]
 
-log = logging.getLogger("goplug.plugin")
+log = LazyLogger("goplug.plugin")
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING; a plugin never needs asyncio unless it uses it
+if TYPE_CHECKING:
+    import asyncio
 
 F = Callable[[bytes], object]
 
 
-@dataclass(frozen=True)
-class PluginSettings:
+class PluginSettings(NamedTuple):
     """Limits, timeouts and access control of a plugin (defaults in docs/RELIABILITY.md)."""
 
-    server: ServerSettings = field(default_factory=ServerSettings)
-    callbacks: CallbackSettings = field(default_factory=CallbackSettings)
+    server: ServerSettings = ServerSettings()
+    """Limits, timeouts and allowed peers of the plugin's server."""
+    callbacks: CallbackSettings = CallbackSettings()
+    """Bounds of the callback queues."""
     conf_ext: str = ".pconf"
+    """Extension of the announce file."""
     backlog: int = 1024
+    """Connections the kernel queues before the plugin accepts them."""
 
 
 class _Phase(enum.Enum):

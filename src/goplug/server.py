@@ -8,28 +8,30 @@ event loop thread shared by the process, so they never block a connection thread
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
-import logging
+import os
 import socket
+import struct
 import threading
 import time
-import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from goplug import memory
 from goplug.callbacks import CallbackHub
 from goplug.errors import GoPlugError, ProtocolError
+from goplug.logs import LazyLogger
 from goplug.transport import peer_uid
 from goplug.wire import routes
 from goplug.wire.http import FramingError, Limits, Message, MessageReader, response_head
 
 __all__ = ["MethodFunc", "Server", "ServerSettings"]
 
-log = logging.getLogger("goplug.server")
+log = LazyLogger("goplug.server")
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING; asyncio is imported only when a method needs it
+if TYPE_CHECKING:
+    import asyncio
 
 MethodFunc = Callable[[bytes], bytes | Awaitable[bytes | None] | None]
 
@@ -38,11 +40,10 @@ _JSON = b"Content-Type: application/json\r\n"
 _RECV = 65536
 
 
-@dataclass(frozen=True)
-class ServerSettings:
+class ServerSettings(NamedTuple):
     """Limits and timeouts of a plugin's server."""
 
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits = Limits()
     request_timeout: float = 10.0
     """A request must arrive whole within this many seconds of its first byte (408 otherwise);
     a connection that sends nothing at all is closed after it too."""
@@ -70,6 +71,8 @@ class _AsyncRunner:
         if loop is None:
             with cls._lock:
                 if cls._loop is None:
+                    import asyncio
+
                     new_loop = asyncio.new_event_loop()
                     thread = threading.Thread(
                         target=new_loop.run_forever, name="goplug-async-methods", daemon=True
@@ -80,6 +83,8 @@ class _AsyncRunner:
 
         async def wrap() -> Any:
             return await coro
+
+        import asyncio
 
         return asyncio.run_coroutine_threadsafe(wrap(), loop).result()
 
@@ -159,8 +164,6 @@ class Server:
             try:
                 uid = peer_uid(conn)
                 if own_uid is None:
-                    import os
-
                     own_uid = os.getuid()
                 allowed = self._allowed if self._allowed is not None else frozenset({own_uid})
                 if uid is not None and uid not in allowed:
@@ -271,7 +274,7 @@ class Server:
             try:
                 body = method(msg.body)
                 if type(body) is not bytes:
-                    if inspect.isawaitable(body):
+                    if isinstance(body, Awaitable):
                         body = _AsyncRunner.run(body, self._loop)
                     body = _as_bytes(body, route)
             except Exception as exc:
@@ -358,6 +361,8 @@ class Server:
     def _send_error(self, conn: socket.socket, status: int, exc: BaseException) -> bool:
         if status == 500:
             log.warning("%s: method raised %s: %s", self._label, _type_name(exc), exc)
+            import traceback
+
             tb = "".join(traceback.format_exception(exc))
         else:
             tb = ""
@@ -376,7 +381,5 @@ def _as_bytes(result: object, route: str) -> bytes:
 
 
 def _timeval(seconds: float) -> bytes:
-    import struct
-
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import logging
 import os
 import socket
 import stat
 import struct
 import sys
-import tempfile
 from typing import Protocol
 
 from goplug.errors import ConfigError, PluginAlreadyRunning, PluginConnectionError
+from goplug.logs import LazyLogger
 
 __all__ = [
     "MAX_UNIX_PATH",
@@ -31,7 +29,7 @@ __all__ = [
     "socket_path_for",
 ]
 
-log = logging.getLogger("goplug.transport")
+log = LazyLogger("goplug.transport")
 
 # sun_path holds 108 bytes on Linux and 104 on macOS, including the terminating NUL.
 MAX_UNIX_PATH = 103 if sys.platform == "darwin" else 107
@@ -63,6 +61,9 @@ def socket_path_for(wanted: str) -> str:
     """
     if len(os.fsencode(wanted)) <= MAX_UNIX_PATH:
         return wanted
+    import hashlib
+    import tempfile
+
     base = os.path.join(tempfile.gettempdir(), f"goplug-{os.getuid()}")
     os.makedirs(base, mode=0o700, exist_ok=True)
     info = os.lstat(base)

@@ -12,8 +12,7 @@ anything of that size is allocated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from goplug.errors import ProtocolError
 
@@ -54,8 +53,7 @@ class FramingError(ProtocolError):
         self.status = status
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(NamedTuple):
     """Size limits for one side of a connection (all in bytes except ``max_headers``)."""
 
     max_head: int = 64 * 1024

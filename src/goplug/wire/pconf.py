@@ -8,15 +8,12 @@ a :class:`~goplug.errors.ConfigError` that names the file and the problem.
 from __future__ import annotations
 
 import contextlib
-import json
+import itertools
 import os
-import re
-import tempfile
-from dataclasses import dataclass
-from typing import Any, Final
-from urllib.parse import quote, urlsplit
+from typing import Any, Final, NamedTuple
 
 from goplug.errors import ConfigError
+from goplug.wire.jsontext import json_string
 
 __all__ = [
     "MAX_PCONF_BYTES",
@@ -34,8 +31,11 @@ PROTOCOL_VERSION: Final = "goplug/1"
 
 # A JSON string, or a comma right before a closing bracket (strings are matched so that commas
 # inside them are left alone).
-_STRING_OR_TRAILING_COMMA = re.compile(r'"(?:\\.|[^"\\])*"|,(\s*[}\]])')
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_STRING_OR_TRAILING_COMMA = r'"(?:\\.|[^"\\])*"|,(\s*[}\]])'
+_URL_SAFE = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@"
+)
+_temp_names = itertools.count()
 
 
 def check_name(value: str, what: str, *, plugin_side: bool = False) -> None:
@@ -44,7 +44,8 @@ def check_name(value: str, what: str, *, plugin_side: bool = False) -> None:
     Both sides refuse ``/``, NUL, control characters, ``.`` and ``..``: names become file names.
     A plugin also refuses ``@`` (the separator in its file names) and an empty name.
     """
-    if _CONTROL.search(value) or "/" in value or value in (".", ".."):
+    control = any(c < " " or c == "\x7f" for c in value)
+    if control or "/" in value or value in (".", ".."):
         raise ConfigError(f"invalid {what} {value!r}: no '/', '.', '..' or control characters")
     if plugin_side and "@" in value:
         raise ConfigError(f"invalid {what} {value!r}: '@' separates name and namespace")
@@ -57,8 +58,7 @@ def file_stem(name: str, namespace: str) -> str:
     return f"{name}@{namespace}" if namespace else name
 
 
-@dataclass(frozen=True)
-class PluginConf:
+class PluginConf(NamedTuple):
     """The contents of one `.pconf` file."""
 
     name: str
@@ -79,11 +79,15 @@ class PluginConf:
     @property
     def host(self) -> str:
         """The value for the ``Host`` header: the host part of :attr:`url`."""
+        from urllib.parse import urlsplit
+
         return urlsplit(self.url).netloc
 
     @property
     def path_prefix(self) -> str:
         """The path part of :attr:`url`, put in front of every route."""
+        from urllib.parse import urlsplit
+
         return urlsplit(self.url).path.rstrip("/")
 
 
@@ -92,7 +96,12 @@ def default_url(name: str, namespace: str) -> str:
 
     Characters a URL host cannot hold are %-encoded, so any valid name gives a valid Url.
     """
-    return "unix://" + quote(namespace + name, safe="!$&'()*+,;=:@~")
+    text = namespace + name
+    if not _URL_SAFE.issuperset(text):
+        from urllib.parse import quote
+
+        text = quote(text, safe="!$&'()*+,;=:@~")
+    return "unix://" + text
 
 
 _FIELDS: Final = {
@@ -107,8 +116,12 @@ _FIELDS: Final = {
 
 
 def _drop_trailing_commas(text: str) -> str:
-    return _STRING_OR_TRAILING_COMMA.sub(
-        lambda m: m.group(1) if m.group(1) is not None else m.group(0), text
+    import re
+
+    return re.sub(
+        _STRING_OR_TRAILING_COMMA,
+        lambda m: m.group(1) if m.group(1) is not None else m.group(0),
+        text,
     )
 
 
@@ -119,6 +132,8 @@ def _decode_object(data: bytes, path: str) -> dict[str, Any]:
     text = raw.decode("utf-8", "surrogateescape").strip()
     if not text:
         raise ConfigError("the file is empty", path)
+    import json
+
     decoder = json.JSONDecoder()
     candidates = [text]
     if "," in text:
@@ -177,6 +192,8 @@ def parse_pconf(data: bytes, path: str = "") -> PluginConf:
         sock = os.path.join(os.path.dirname(os.path.abspath(path)) if path else "", sock)
     url = values.get("url") or default_url(name, namespace)
     try:
+        from urllib.parse import urlsplit
+
         parts = urlsplit(url)
         host = parts.netloc
     except ValueError as exc:
@@ -199,18 +216,18 @@ def parse_pconf(data: bytes, path: str = "") -> PluginConf:
 
 def dump_pconf(conf: PluginConf) -> bytes:
     """Serialise ``conf`` the way GoPlug does: compact JSON, GoPlug's keys first, in its order."""
-    obj: dict[str, Any] = {
-        "Name": conf.name,
-        "NameSpace": conf.namespace,
-        "Url": conf.url,
-        "Sock": conf.sock,
-        "LazyLoad": conf.lazy_load,
-    }
+    fields = [
+        f'"Name":{json_string(conf.name)}',
+        f'"NameSpace":{json_string(conf.namespace)}',
+        f'"Url":{json_string(conf.url)}',
+        f'"Sock":{json_string(conf.sock)}',
+        f'"LazyLoad":{"true" if conf.lazy_load else "false"}',
+    ]
     if conf.pid is not None:
-        obj["Pid"] = conf.pid
+        fields.append(f'"Pid":{int(conf.pid)}')
     if conf.protocol:
-        obj["Protocol"] = conf.protocol
-    return json.dumps(obj, separators=(",", ":")).encode("utf-8")
+        fields.append(f'"Protocol":{json_string(conf.protocol)}')
+    return ("{" + ",".join(fields) + "}").encode("utf-8", "surrogateescape")
 
 
 def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
@@ -220,7 +237,10 @@ def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
     registry never reads a partial file.
     """
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
+    tmp = os.path.join(
+        directory, f".{os.path.basename(path)}.{os.getpid()}.{next(_temp_names)}.tmp"
+    )
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)
         view = memoryview(data)

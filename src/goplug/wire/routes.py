@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import re
 import struct
 from collections.abc import Iterable
 from typing import Final
-from urllib.parse import unquote
 
 from goplug.errors import (
     CallbackNotFound,
@@ -18,6 +15,7 @@ from goplug.errors import (
     RemoteError,
 )
 from goplug.wire.http import Message
+from goplug.wire.jsontext import json_array, json_string
 
 __all__ = [
     "ACTIVATE",
@@ -48,7 +46,7 @@ ACK_HEADER: Final = b"x-goplug-ack"
 SEQ_HEADER: Final = b"x-goplug-seq"
 COUNT_HEADER: Final = b"x-goplug-count"
 
-_SUBSCRIBER = re.compile(rb"[A-Za-z0-9_-]{1,64}")
+_SUBSCRIBER_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _LEN: Final = struct.Struct(">I")
 
 
@@ -61,17 +59,21 @@ def route_of(target: str, prefix: str = "") -> str:
     if prefix and path.startswith(prefix + "/"):
         path = path[len(prefix) :]
     segment = path[1:].split("/", 1)[0] if path.startswith("/") else path.split("/", 1)[0]
-    return unquote(segment) if "%" in segment else segment
+    if "%" not in segment:
+        return segment
+    from urllib.parse import unquote
+
+    return unquote(segment)
 
 
 def valid_subscriber(token: bytes) -> bool:
     """Tell whether ``token`` is an acceptable ``X-Goplug-Subscriber`` value."""
-    return _SUBSCRIBER.fullmatch(token) is not None
+    return 0 < len(token) <= 64 and _SUBSCRIBER_CHARS.issuperset(token)
 
 
 def activation_body(methods: Iterable[str], extra: bytes | None) -> bytes:
     """Build the `/Activate` answer: a JSON array of method names, then the activator's bytes."""
-    body = json.dumps(list(methods), separators=(",", ":")).encode("utf-8")
+    body = json_array(methods).encode("utf-8", "surrogateescape")
     return body + extra if extra else body
 
 
@@ -84,6 +86,8 @@ def parse_activation(body: bytes) -> tuple[list[str], bytes]:
     # surrogateescape round-trips every byte, so the activator's output comes back unchanged.
     stripped = body.decode("utf-8", "surrogateescape").lstrip()
     try:
+        import json
+
         value, end = json.JSONDecoder().raw_decode(stripped)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"/Activate did not answer a JSON array: {exc!r:.200}") from None
@@ -98,6 +102,8 @@ def parse_activation(body: bytes) -> tuple[list[str], bytes]:
 def parse_callback_name(body: bytes) -> str:
     """Decode the JSON string a `/RegisterCallback` or `/Unsubscribe` request carries."""
     try:
+        import json
+
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ProtocolError("the callback name must be a JSON string") from None
@@ -136,7 +142,9 @@ def decode_batch(body: bytes, count: int) -> list[bytes]:
 
 def error_body(exc_type: str, message: str, traceback: str = "") -> bytes:
     """Build the JSON body that describes a failure."""
-    return json.dumps({"type": exc_type, "message": message, "traceback": traceback}).encode()
+    fields = (("type", exc_type), ("message", message), ("traceback", traceback))
+    text = "{" + ",".join(f"{json_string(k)}:{json_string(v)}" for k, v in fields) + "}"
+    return text.encode("utf-8", "surrogateescape")
 
 
 def error_from_response(response: Message, route: str) -> GoPlugError:
@@ -145,6 +153,8 @@ def error_from_response(response: Message, route: str) -> GoPlugError:
     info: dict[str, str] = {}
     if response.body and response.header(b"content-type").startswith(b"application/json"):
         try:
+            import json
+
             decoded = json.loads(response.body)
         except (ValueError, UnicodeDecodeError, RecursionError):
             decoded = None
