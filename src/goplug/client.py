@@ -270,8 +270,7 @@ class PluginClient:
     def sweep(self) -> bool:
         """Check the idle connections; return False if the plugin's end has gone away.
 
-        A connection the plugin closed reads as end-of-file without blocking; one unused for
-        longer than ``pool_idle`` sweeps' worth of time is closed by us.
+        A connection the plugin closed reads as end-of-file without blocking; it is dropped.
         """
         healthy = True
         count = len(self._idle)
@@ -290,9 +289,16 @@ class PluginClient:
                 conn.close()
                 healthy = healthy and peeked != b""
                 continue
-            conn.idle_sweeps += 1
             self._idle.append(conn)
         return healthy
+
+    def idle_fds(self) -> list[int]:
+        """File descriptors of the idle connections (one more tick of idleness for each)."""
+        fds = []
+        for conn in list(self._idle):
+            conn.idle_sweeps += 1
+            fds.append(conn.sock.fileno())
+        return fds
 
     def probe(self, timeout: float) -> bool | None:
         """Ping the plugin on a fresh connection; tell whether it is there.
@@ -319,11 +325,12 @@ class PluginClient:
     def expire_idle(self, max_sweeps: int) -> None:
         """Close idle connections that stayed unused for ``max_sweeps`` sweeps (keep one)."""
         for _ in range(len(self._idle) - 1):
-            conn = self._idle[0]
-            if conn.idle_sweeps < max_sweeps:
-                break
-            with contextlib.suppress(IndexError):
+            try:
+                if self._idle[0].idle_sweeps < max_sweeps:
+                    break
                 self._idle.popleft().close()
+            except IndexError:  # a caller took the connections meanwhile
+                break
 
     def close(self, error: GoPlugError | None = None) -> None:
         """Close every connection, waking calls in flight.

@@ -6,6 +6,7 @@ import contextlib
 import enum
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -583,12 +584,22 @@ class PluginRegistry:
                 (h, h._client) for h in self._handles.values() if h.state is PluginState.LOADED
             ]
         max_sweeps = max(1, int(self.settings.client.pool_idle / self.settings.health_interval))
+        # One poll() over every idle connection: with hundreds of plugins loaded this keeps the
+        # check to one system call; only connections with news (end-of-file) are looked at.
+        poller = select.poll()
+        owners: dict[int, tuple[PluginHandle, PluginClient]] = {}
         for handle, client in loaded:
             if client is None:
                 continue
+            client.expire_idle(max_sweeps)
+            for fd in client.idle_fds():
+                if fd >= 0:
+                    poller.register(fd, select.POLLIN)
+                    owners[fd] = (handle, client)
+        suspects = {owners[fd] for fd, _ in poller.poll(0) if fd in owners}
+        for handle, client in suspects:
             if not client.sweep():
                 self._check_alive(handle, client)
-            client.expire_idle(max_sweeps)
 
     def _broken_file_for(self, name: str, namespace: str) -> ConfigError | None:
         stems = {file_stem(name, namespace), namespace + name, name}

@@ -205,50 +205,56 @@ class Server:
         served = False
         recv = conn.recv
         answer = self._answer
-        msg: Message | None = None
+        receive = reader.receive
         try:
             while True:
-                if msg is None:
-                    msg = reader.next_message()
-                if msg is not None:
-                    started = 0.0
-                    idle_periods = 0
-                    served = True
-                    if not answer(conn, msg) or not msg.keep_alive:
-                        return
-                    msg = None
-                    continue
-                partial = reader.in_message
-                if partial:
-                    # Each recv is bounded by SO_RCVTIMEO; this bounds a request that trickles.
-                    now = time.monotonic()
-                    if not started:
-                        started = now
-                    elif now - started > timeout:
-                        self._refuse(conn, 408, "RequestTimeout", "the request took too long")
-                        return
-                try:
-                    sink = reader.body_sink()
-                    if sink is not None:
-                        if not memory.tuned:
-                            memory.tune_malloc()
-                        n = conn.recv_into(sink)
-                        if not n:
+                if not reader.in_message:
+                    # The usual case: an idle connection, one whole request per recv.
+                    try:
+                        data = recv(_RECV)
+                    except BlockingIOError:  # SO_RCVTIMEO expired with nothing pending
+                        idle_periods += 1
+                        if not served or idle_periods >= idle_limit:
                             return
-                        reader.sink_filled(n)
                         continue
-                    data = recv(_RECV)
-                except BlockingIOError:  # SO_RCVTIMEO expired
-                    if partial:
-                        self._refuse(conn, 408, "RequestTimeout", "the request took too long")
+                    if not data:
                         return
-                    idle_periods += 1
-                    if not served or idle_periods >= idle_limit:
-                        return
-                    continue
-                if not data:
+                    msg = receive(data)
+                    if msg is None:
+                        continue
+                else:
+                    msg = reader.next_message()  # a pipelined request, or the rest of one
+                    if msg is None:
+                        # Each recv is bounded by SO_RCVTIMEO; this bounds a trickling request.
+                        now = time.monotonic()
+                        if not started:
+                            started = now
+                        elif now - started > timeout:
+                            self._refuse(conn, 408, "RequestTimeout", "the request took too long")
+                            return
+                        try:
+                            sink = reader.body_sink()
+                            if sink is not None:
+                                if not memory.tuned:
+                                    memory.tune_malloc()
+                                n = conn.recv_into(sink)
+                                if not n:
+                                    return
+                                reader.sink_filled(n)
+                                continue
+                            data = recv(_RECV)
+                        except BlockingIOError:
+                            self._refuse(conn, 408, "RequestTimeout", "the request took too long")
+                            return
+                        if not data:
+                            return
+                        reader.feed(data)
+                        continue
+                started = 0.0
+                idle_periods = 0
+                served = True
+                if not answer(conn, msg) or not msg.keep_alive:
                     return
-                msg = reader.receive(data)
         except FramingError as exc:
             self._refuse(conn, exc.status, "ProtocolError", str(exc))
         except OSError:
