@@ -61,8 +61,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         waiter = self.waiter
         try:
-            self.reader.feed(data)
-            msg = self.reader.next_message()
+            msg = self.reader.receive(data)
         except FramingError as exc:
             self._fail(ProtocolError(str(exc)))
             return
@@ -156,9 +155,10 @@ class _Pool:
         self._busy.add(conn)
         expiry = loop.call_later(timeout, _expire, waiter)
         try:
-            transport.write(b"%s%d\r\n\r\n" % (prefix, len(data)))
-            if data:
-                transport.write(data)
+            if len(data) < 65536:
+                transport.write(b"%s%d\r\n\r\n%s" % (prefix, len(data), data))
+            else:
+                transport.writelines((b"%s%d\r\n\r\n" % (prefix, len(data)), data))
             msg = await waiter
         except asyncio.CancelledError:
             conn.close()
