@@ -13,7 +13,6 @@ import contextlib
 import logging
 import secrets
 import socket
-import struct
 import threading
 import time
 from collections import deque
@@ -29,7 +28,7 @@ from goplug.errors import (
     ProtocolError,
     RegistryClosed,
 )
-from goplug.transport import Transport
+from goplug.transport import Transport, set_timeouts
 from goplug.wire import routes
 from goplug.wire.http import FramingError, Limits, Message, MessageReader
 from goplug.wire.pconf import PluginConf
@@ -63,11 +62,6 @@ class ClientSettings:
     """Longest wait between two attempts to re-subscribe a cut callback poll."""
 
 
-def _timeval(seconds: float) -> bytes:
-    whole = int(seconds)
-    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-
-
 class Connection:
     """One persistent connection: a blocking socket and its response reader."""
 
@@ -81,9 +75,7 @@ class Connection:
 
     def set_timeout(self, seconds: float) -> None:
         """Bound every single receive and send on this connection to ``seconds``."""
-        tv = _timeval(max(seconds, 0.001))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        set_timeouts(self.sock, max(seconds, 0.001))
         self.timeout = seconds
 
     def close(self) -> None:
@@ -382,7 +374,7 @@ class Subscription:
         self._conn: Connection | None = None
         self._answered = False
         self._conn_lock = threading.Lock()
-        self._body = routes_json(name)
+        self._body = routes.callback_name_body(name)
         self._thread = threading.Thread(
             target=self._run, name=f"goplug-callback-{name}", daemon=True
         )
@@ -453,7 +445,7 @@ class Subscription:
 
     def _poll_loop(self, client: PluginClient, conn: Connection) -> None:
         # Long polls wait as long as they must: no receive timeout.
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
+        set_timeouts(conn.sock, 0)
         conn.timeout = 0.0
         while not self._stop.is_set():
             extra = b"X-Goplug-Subscriber: %s\r\nX-Goplug-Ack: %d\r\n" % (
@@ -496,10 +488,3 @@ class Subscription:
             self.fn(data)
         except Exception:
             log.exception("callback %r raised; delivery goes on", self.name)
-
-
-def routes_json(name: str) -> bytes:
-    """Encode a callback name as the JSON string `/RegisterCallback` carries."""
-    import json
-
-    return json.dumps(name).encode("utf-8")

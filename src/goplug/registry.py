@@ -335,7 +335,9 @@ class PluginRegistry:
             for sub in subs:
                 with contextlib.suppress(GoPlugError):
                     extra = b"X-Goplug-Subscriber: %s\r\n" % sub.token.encode()
-                    client.call(routes.UNSUBSCRIBE, _json_name(sub.name), timeout, extra)
+                    client.call(
+                        routes.UNSUBSCRIBE, routes.callback_name_body(sub.name), timeout, extra
+                    )
             try:
                 client.request(routes.STOP, b"", timeout)
             except PluginConnectionError:
@@ -613,9 +615,3 @@ class PluginRegistry:
 
 def _same_endpoint(a: PluginConf, b: PluginConf) -> bool:
     return (a.sock, a.url, a.pid) == (b.sock, b.url, b.pid)
-
-
-def _json_name(name: str) -> bytes:
-    import json
-
-    return json.dumps(name).encode("utf-8")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +20,7 @@ from goplug import memory
 from goplug.callbacks import CallbackHub
 from goplug.errors import GoPlugError, ProtocolError
 from goplug.logs import LazyLogger
-from goplug.transport import peer_uid
+from goplug.transport import peer_uid, set_timeouts
 from goplug.wire import routes
 from goplug.wire.http import FramingError, Limits, Message, MessageReader, response_head
 
@@ -193,11 +192,7 @@ class Server:
     def _serve(self, conn: socket.socket) -> None:
         settings = self._settings
         timeout = settings.request_timeout
-        # A kernel receive/send timeout instead of Python's socket timeout keeps each recv and
-        # send a single system call.
-        tv = _timeval(timeout)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        set_timeouts(conn, timeout)
         reader = MessageReader(False, settings.limits)
         idle_limit = max(1, int(settings.idle_timeout / timeout))
         idle_periods = 0  # request timeouts that expired while nothing was pending
@@ -384,8 +379,3 @@ def _as_bytes(result: object, route: str) -> bytes:
     if isinstance(result, bytearray | memoryview):
         return bytes(result)
     raise TypeError(f"{route} returned {type(result).__name__}; methods must return bytes or None")
-
-
-def _timeval(seconds: float) -> bytes:
-    whole = int(seconds)
-    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))

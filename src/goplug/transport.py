@@ -26,6 +26,7 @@ __all__ = [
     "UnixTransport",
     "check_owner",
     "peer_uid",
+    "set_timeouts",
     "socket_path_for",
 ]
 
@@ -71,6 +72,19 @@ def socket_path_for(wanted: str) -> str:
         raise ConfigError(f"{base} must be a directory owned by uid {os.getuid()} with mode 0700")
     digest = hashlib.sha256(os.fsencode(wanted)).hexdigest()[:24]
     return os.path.join(base, f"{digest}.sock")
+
+
+def set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Bound every receive and send on ``sock`` to ``seconds`` (0: no bound).
+
+    Kernel timeouts (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking socket keep each recv and send one
+    system call, where Python's own socket timeout adds a poll() before each; an expired one
+    raises BlockingIOError.
+    """
+    whole = int(seconds)
+    tv = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 def peer_uid(sock: socket.socket) -> int | None:

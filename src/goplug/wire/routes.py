@@ -24,6 +24,7 @@ __all__ = [
     "RESERVED",
     "STOP",
     "UNSUBSCRIBE",
+    "callback_name_body",
     "decode_batch",
     "encode_batch",
     "error_body",
@@ -110,6 +111,11 @@ def parse_callback_name(body: bytes) -> str:
     if not isinstance(value, str) or not value:
         raise ProtocolError("the callback name must be a non-empty JSON string")
     return value
+
+
+def callback_name_body(name: str) -> bytes:
+    """Encode a callback name as the JSON string `/RegisterCallback` and `/Unsubscribe` carry."""
+    return json_string(name).encode("utf-8", "surrogateescape")
 
 
 def encode_batch(items: Iterable[bytes]) -> list[bytes]:
