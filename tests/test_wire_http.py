@@ -719,77 +719,69 @@ def test_conflicting_content_lengths_are_rejected() -> None:
         parse(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 3\r\n\r\nabc", False)
 
 
-# -- zero-copy body reception ------------------------------------------------------------------
+# -- large bodies received in big pieces ------------------------------------------------------
 
 
-def _via_sink(head_and_start: bytes, rest: bytes, piece: int) -> tuple[Message, int]:
-    """Feed the first bytes, then write the rest through body_sink/sink_filled."""
+def _in_big_pieces(head_and_start: bytes, rest: bytes, cap: int) -> tuple[Message, int]:
+    """Feed the first bytes, then the rest in pieces as large as body_wanted() asks (<= cap)."""
     reader = MessageReader(False)
     reader.feed(head_and_start)
     assert reader.next_message() is None
-    used = 0
+    big = 0
     pos = 0
     while pos < len(rest):
-        sink = reader.body_sink()
-        if sink is None:
-            reader.feed(rest[pos : pos + piece])
-            pos = min(pos + piece, len(rest))
-        else:
-            n = min(piece, len(sink), len(rest) - pos)
-            sink[:n] = rest[pos : pos + n]
-            reader.sink_filled(n)
-            pos += n
-            used += 1
+        wanted = reader.body_wanted()
+        size = min(wanted, cap) if wanted else 65536
+        big += bool(wanted)
+        reader.feed(rest[pos : pos + size])
+        pos = min(pos + size, len(rest))
         msg = reader.next_message()
         if msg is not None:
             assert pos == len(rest)
-            return msg, used
+            return msg, big
     raise AssertionError("no message")
 
 
 @pytest.mark.parametrize("already", [0, 1, 1000, 70_000])
-@pytest.mark.parametrize("piece", [65536, 100_003])
-def test_body_sink_gives_the_same_body_as_feed(already: int, piece: int) -> None:
+@pytest.mark.parametrize("cap", [65536, 100_003, 1 << 20])
+def test_big_pieces_give_the_same_body_as_small_ones(already: int, cap: int) -> None:
     body = random.Random(already).randbytes(SINK_MIN + 100_000)
     data = request_head("/Big", "TestDo", len(body)) + body
     head_len = len(data) - len(body)
     expected = one(data, is_response=False)
     assert expected.body == body
-    msg, used = _via_sink(data[: head_len + already], data[head_len + already :], piece)
-    assert used > 0
+    msg, big = _in_big_pieces(data[: head_len + already], data[head_len + already :], cap)
+    assert big > 0
     assert sig(msg) == sig(expected)
     assert type(msg.body) is bytes
 
 
-def test_body_sink_offered_only_for_large_bodies_with_nothing_buffered() -> None:
+def test_body_wanted_only_for_large_bodies_with_nothing_buffered() -> None:
     reader = MessageReader(False)
-    assert reader.body_sink() is None  # no message
+    assert reader.body_wanted() == 0  # no message
     reader.feed(request_head("/m", "h", SINK_MIN - 1))
-    assert reader.next_message() is None and reader.body_sink() is None  # too small
+    assert reader.next_message() is None and reader.body_wanted() == 0  # too small
     reader = MessageReader(False)
     reader.feed(request_head("/m", "h", SINK_MIN + 3) + b"abc")
-    assert reader.body_sink() is None  # head not parsed yet, bytes buffered
+    assert reader.body_wanted() == 0  # head not parsed yet, bytes buffered
     assert reader.next_message() is None
-    sink = reader.body_sink()
-    assert sink is not None and len(sink) == SINK_MIN
+    assert reader.body_wanted() == SINK_MIN
     reader = MessageReader(False)
     reader.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % SINK_MIN)
-    assert reader.next_message() is None and reader.body_sink() is None  # chunked
+    assert reader.next_message() is None and reader.body_wanted() == 0  # chunked
 
 
-def test_body_sink_then_feed_with_a_pipelined_message() -> None:
+def test_big_piece_then_a_pipelined_message() -> None:
     body = b"\x01\x02" * (SINK_MIN // 2 + 10)
     data = request_head("/Big", "h", len(body)) + body
     head_len = len(data) - len(body)
     reader = MessageReader(False)
     reader.feed(data[: head_len + 10])
     assert reader.next_message() is None
-    sink = reader.body_sink()
-    assert sink is not None
-    sink[:SINK_MIN] = body[10 : 10 + SINK_MIN]
-    reader.sink_filled(SINK_MIN)
+    assert reader.body_wanted() == len(body) - 10
+    reader.feed(body[10 : 10 + SINK_MIN])
     assert reader.next_message() is None
-    assert reader.body_sink() is None  # what is left is under the threshold
+    assert reader.body_wanted() == 0  # what is left is under the threshold
     reader.feed(body[10 + SINK_MIN :] + PING_REQ)
     first = reader.next_message()
     assert first is not None and first.body == body and first.target == "/Big"
@@ -798,17 +790,14 @@ def test_body_sink_then_feed_with_a_pipelined_message() -> None:
     assert reader.next_message() is None and not reader.in_message
 
 
-def test_body_sink_on_a_response_reader() -> None:
+def test_big_pieces_on_a_response_reader() -> None:
     body = bytes(range(256)) * (SINK_MIN // 256 + 1)
     data = response_head(200, len(body)) + body
     reader = MessageReader(True)
     reader.feed(data[:100])
     assert reader.next_message() is None
-    sink = reader.body_sink()
-    assert sink is not None
-    rest = data[100:]
-    sink[: len(rest)] = rest
-    reader.sink_filled(len(rest))
+    assert reader.body_wanted() == len(data) - 100
+    reader.feed(data[100:])
     msg = reader.next_message()
     assert msg is not None and msg.body == body
 

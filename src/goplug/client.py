@@ -38,6 +38,7 @@ __all__ = ["ClientSettings", "Connection", "PluginClient", "Subscription"]
 log = logging.getLogger("goplug.client")
 
 _RECV = 65536
+_BIG_RECV = 1024 * 1024  # receive size while a large body is coming
 # Answers after which a plugin closes the connection (docs/PROTOCOL.md §6).
 _CLOSING_STATUSES = frozenset({400, 408, 413, 503})
 
@@ -105,23 +106,19 @@ class Connection:
         if reader.in_message:  # left over from an earlier exchange: the peer broke the protocol
             raise FramingError("unsolicited response")
         while True:
-            sink = reader.body_sink()
-            if sink is not None:
+            wanted = reader.body_wanted()
+            if wanted:
                 if not memory.tuned:
                     memory.tune_malloc()
-                n = sock.recv_into(sink)
-                if not n:
-                    raise FramingError("connection closed in the middle of a message")
-                reader.sink_filled(n)
-                msg = reader.next_message()
+                data = sock.recv(min(wanted, _BIG_RECV))
             else:
                 data = sock.recv(_RECV)
-                if not data:
-                    msg = reader.feed_eof()
-                    if msg is None:
-                        raise ConnectionResetError("the plugin closed the connection")
-                    return msg
-                msg = reader.receive(data)
+            if not data:
+                msg = reader.feed_eof()
+                if msg is None:
+                    raise ConnectionResetError("the plugin closed the connection")
+                return msg
+            msg = reader.receive(data)
             if msg is not None:
                 return msg
             if timeout <= 0:

@@ -326,7 +326,7 @@ class PluginRegistry:
                 raise PluginNotLoaded(f"plugin {handle.label} is not loaded")
             client = handle._client
             handle._client = None
-            handle.state = PluginState.DISCOVERED
+            listeners = self._set_state(handle, PluginState.DISCOVERED)
             subs, handle._subscriptions = handle._subscriptions, []
         for sub in subs:
             sub.close()
@@ -345,7 +345,7 @@ class PluginRegistry:
             except GoPlugError as exc:
                 log.warning("plugin %s: /Stop failed: %s", handle.label, exc)
             client.close()
-        self._emit("unloaded", handle)
+        self._emit("unloaded", handle, listeners)
 
     def stop(self) -> None:
         """End discovery (loaded plugins stay loaded)."""
@@ -406,10 +406,25 @@ class PluginRegistry:
         if self._closed:
             raise RegistryClosed("the registry is closed")
 
-    def _emit(self, kind: EventKind, handle: PluginHandle, reason: str = "") -> None:
+    def _set_state(
+        self, handle: PluginHandle, state: PluginState
+    ) -> list[Callable[[PluginEvent], object]]:
+        """Change a state (lock held); return the listeners that must hear of it.
+
+        Taking them in the same locked step as the change means a listener added concurrently
+        either gets the event or sees the new state replayed, never both or neither.
+        """
+        handle.state = state
+        return list(self._listeners)
+
+    def _emit(
+        self,
+        kind: EventKind,
+        handle: PluginHandle,
+        listeners: list[Callable[[PluginEvent], object]],
+        reason: str = "",
+    ) -> None:
         event = PluginEvent(kind, handle.name, handle.namespace, handle, reason)
-        with self._lock:
-            listeners = list(self._listeners)
         for fn in listeners:
             try:
                 fn(event)
@@ -481,8 +496,8 @@ class PluginRegistry:
                 self._schedule_load(handle)  # announced anew: a new process may be listening
             return
         with self._lock:
-            handle.state = PluginState.DISCOVERED
-        self._emit("discovered", handle)
+            listeners = self._set_state(handle, PluginState.DISCOVERED)
+        self._emit("discovered", handle, listeners)
         if not conf.lazy_load and self.auto_discover:
             self._schedule_load(handle)
 
@@ -499,8 +514,8 @@ class PluginRegistry:
             if handle.state is not PluginState.STOPPED or fresh.identity != conf.identity:
                 return
             handle.conf = fresh
-            handle.state = PluginState.DISCOVERED
-        self._emit("discovered", handle)
+            listeners = self._set_state(handle, PluginState.DISCOVERED)
+        self._emit("discovered", handle, listeners)
 
     def _schedule_load(self, handle: PluginHandle) -> None:
         def run() -> None:
@@ -555,23 +570,23 @@ class PluginRegistry:
             handle.methods = methods
             handle.activation_output = extra
             handle._client = client
-            handle.state = PluginState.LOADED
+            listeners = self._set_state(handle, PluginState.LOADED)
             subs = list(handle._subscriptions)
         for sub in subs:
             sub.kick()
         log.info("loaded plugin %s (%d methods)", handle.label, len(methods))
-        self._emit("loaded", handle)
+        self._emit("loaded", handle, listeners)
 
     def _lose(self, handle: PluginHandle, reason: str) -> None:
         with self._lock:
             if handle.state is PluginState.STOPPED:
                 return
             client, handle._client = handle._client, None
-            handle.state = PluginState.STOPPED
+            listeners = self._set_state(handle, PluginState.STOPPED)
         if client is not None:
             client.close(PluginConnectionError(f"plugin {handle.label} was lost: {reason}"))
         log.info("lost plugin %s: %s", handle.label, reason)
-        self._emit("lost", handle, reason)
+        self._emit("lost", handle, listeners, reason)
 
     def _check_alive(self, handle: PluginHandle, client: PluginClient | None) -> None:
         """After a connection failure: if the plugin does not answer a ping, it is lost."""

@@ -37,6 +37,7 @@ MethodFunc = Callable[[bytes], bytes | Awaitable[bytes | None] | None]
 _OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: "
 _JSON = b"Content-Type: application/json\r\n"
 _RECV = 65536
+_BIG_RECV = 1024 * 1024  # receive size while a large body is coming
 
 
 class ServerSettings(NamedTuple):
@@ -228,16 +229,13 @@ class Server:
                             self._refuse(conn, 408, "RequestTimeout", "the request took too long")
                             return
                         try:
-                            sink = reader.body_sink()
-                            if sink is not None:
+                            wanted = reader.body_wanted()
+                            if wanted:
                                 if not memory.tuned:
                                     memory.tune_malloc()
-                                n = conn.recv_into(sink)
-                                if not n:
-                                    return
-                                reader.sink_filled(n)
-                                continue
-                            data = recv(_RECV)
+                                data = recv(min(wanted, _BIG_RECV))
+                            else:
+                                data = recv(_RECV)
                         except BlockingIOError:
                             self._refuse(conn, 408, "RequestTimeout", "the request took too long")
                             return

@@ -37,8 +37,8 @@ REASONS: Final[dict[int, bytes]] = {
     503: b"Service Unavailable",
 }
 
-# Bodies at least this large are received straight into their final buffer (see body_sink),
-# which saves one copy per chunk for bulk payloads.
+# Bodies at least this large are worth receiving in big pieces (see body_wanted): each piece is
+# kept as it arrived and the body is joined once, so it is copied once after the kernel's copy.
 _SINK_MIN: Final = 256 * 1024
 
 
@@ -128,13 +128,12 @@ class MessageReader:
         "_chunk_state",
         "_close_delimited",
         "_eof",
-        "_filled",
         "_is_response",
         "_limits",
         "_msg",
         "_need",
+        "_parts",
         "_pos",
-        "_sink",
     )
 
     def __init__(self, is_response: bool, limits: Limits | None = None) -> None:
@@ -145,8 +144,7 @@ class MessageReader:
         self._msg: Message | None = None  # head parsed, body pending
         self._need = -1  # Content-Length body bytes still to read
         self._body = bytearray()
-        self._sink: bytearray | None = None  # full-size body buffer offered by body_sink
-        self._filled = 0  # bytes of _sink already written
+        self._parts: list[bytes] = []  # pieces of a Content-Length body received so far
         self._chunk_state = -1  # -1: not chunked
         self._chunk_left = 0
         self._close_delimited = False
@@ -209,29 +207,19 @@ class MessageReader:
     @property
     def buffered(self) -> int:
         """Number of bytes received but not yet part of a returned message."""
-        return len(self._buf) - self._pos + len(self._body)
+        return len(self._buf) - self._pos + len(self._body) + sum(map(len, self._parts))
 
     # -- zero-copy body reception ----------------------------------------------------------------
 
-    def body_sink(self) -> memoryview | None:
-        """Return a buffer to receive the rest of a large Content-Length body into, or ``None``.
+    def body_wanted(self) -> int:
+        """Bytes a large Content-Length body still needs, if nothing else is buffered; else 0.
 
-        Only offered when nothing else is buffered, so writing into it directly (for example with
-        ``socket.recv_into``) and then calling :meth:`sink_filled` is the same as :meth:`feed`.
+        Receiving that much in one call (``socket.recv(n)``) and feeding it keeps a big body to
+        one copy after the kernel's: pieces are kept as they arrive and joined once.
         """
-        if self._need < _SINK_MIN or self._msg is None or len(self._buf) > self._pos:
-            return None
-        if self._sink is None:
-            have = len(self._body)
-            self._sink = bytearray(have + self._need)
-            self._sink[:have] = self._body
-            self._filled = have
-        return memoryview(self._sink)[self._filled :]
-
-    def sink_filled(self, n: int) -> None:
-        """Record that ``n`` bytes were written into the buffer :meth:`body_sink` returned."""
-        self._filled += n
-        self._need -= n
+        if self._need >= _SINK_MIN and self._msg is not None and len(self._buf) <= self._pos:
+            return self._need
+        return 0
 
     # -- parsing -------------------------------------------------------------------------------
 
@@ -325,12 +313,11 @@ class MessageReader:
         assert msg is not None
         self._msg = None
         self._need = -1
-        if self._chunk_state >= 0 or self._close_delimited or self._body or self._sink:
+        if self._chunk_state >= 0 or self._close_delimited or self._body or self._parts:
             self._chunk_state = -1
             self._close_delimited = False
             self._body = bytearray()
-            self._sink = None
-            self._filled = 0
+            self._parts = []
         if self._pos == len(self._buf):
             self._buf, self._pos = b"", 0
         return msg
@@ -340,31 +327,18 @@ class MessageReader:
         assert msg is not None
         buf, pos, need = self._buf, self._pos, self._need
         avail = len(buf) - pos
-        sink = self._sink
-        if sink is not None:
-            if need:
-                take = min(avail, need)
-                sink[self._filled : self._filled + take] = buf[pos : pos + take]
-                self._filled += take
-                self._need = need - take
-                self._pos = pos + take
-                if self._need:
-                    return None
-            msg.body = bytes(sink)
-            return self._finish()
         if avail < need:
             if avail:
-                self._body += buf[pos:]
+                self._parts.append(buf[pos:] if pos else buf)
                 self._buf, self._pos = b"", 0
                 self._need = need - avail
             return None
-        if self._body:
-            self._body += buf[pos : pos + need]
-            msg.body = bytes(self._body)
-        elif pos == 0 and need == len(buf):
-            msg.body = buf
+        piece = buf if pos == 0 and need == len(buf) else buf[pos : pos + need]
+        if self._parts:
+            self._parts.append(piece)
+            msg.body = b"".join(self._parts)
         else:
-            msg.body = buf[pos : pos + need]
+            msg.body = piece
         self._pos = pos + need
         return self._finish()
 
