@@ -134,3 +134,19 @@ def test_aio_plugin_runs_async_methods_on_its_loop(plugin_dir: Path) -> None:
         assert not list(plugin_dir.iterdir())
 
     asyncio.run(main())
+
+
+def test_aio_registry_under_uvloop(plugin_dir: Path, spawn: Spawner) -> None:
+    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
+    spawn(plugin_dir, "Uv")
+
+    async def main() -> None:
+        async with aio.PluginRegistry(plugin_dir, auto_discover=False) as registry:
+            handle = await registry.load_plugin("Uv")
+            assert await handle.execute("Upper", b"uv") == b"UV"
+            big = os.urandom(2 * 1024 * 1024)
+            assert await handle.execute("Echo", big) == big
+            results = await asyncio.gather(*(handle.execute("Echo", b"%d" % i) for i in range(200)))
+            assert results == [b"%d" % i for i in range(200)]
+
+    uvloop.run(main())
