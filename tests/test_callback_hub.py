@@ -333,13 +333,16 @@ def test_unsubscribe_releases_a_poll_even_if_the_subscriber_comes_back(
 
 
 class FakeClock:
-    """time.monotonic for goplug.callbacks, moved forward by hand."""
+    """The time module for goplug.callbacks, its monotonic clock moved forward by hand."""
 
     def __init__(self) -> None:
         self.offset = 0.0
 
     def monotonic(self) -> float:
         return time.monotonic() + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
 
 
 @pytest.fixture
