@@ -521,6 +521,8 @@ class PluginRegistry:
         def run() -> None:
             try:
                 self._load(handle)
+            except PluginAlreadyLoaded:
+                pass  # load_plugin got there first
             except PluginConnectionError as exc:
                 # Typically an announce file left by a plugin that died: nobody listens. It is
                 # tried again only when the file changes (the plugin starts anew).
