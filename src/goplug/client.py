@@ -30,7 +30,7 @@ from goplug.errors import (
 )
 from goplug.transport import Transport, set_timeouts
 from goplug.wire import routes
-from goplug.wire.http import FramingError, Limits, Message, MessageReader
+from goplug.wire.http import FramingError, Limits, Message, MessageReader, TruncatedMessage
 from goplug.wire.pconf import PluginConf
 
 __all__ = ["ClientSettings", "Connection", "PluginClient", "Subscription"]
@@ -198,7 +198,7 @@ class PluginClient:
             conn.close()
             if self._closed:
                 raise self._closed_error from None
-            if "closed in the middle" in str(exc):
+            if isinstance(exc, TruncatedMessage):
                 raise PluginConnectionError(f"{self._label}: /{route}: {exc}") from None
             raise ProtocolError(f"{self._label}: /{route}: {exc}") from None
         except OSError as exc:

@@ -22,6 +22,7 @@ __all__ = [
     "Limits",
     "Message",
     "MessageReader",
+    "TruncatedMessage",
     "request_head",
     "response_head",
 ]
@@ -51,6 +52,10 @@ class FramingError(ProtocolError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class TruncatedMessage(FramingError):
+    """The peer closed the connection before a message was complete."""
 
 
 class Limits(NamedTuple):
@@ -196,7 +201,7 @@ class MessageReader:
             self._buf, self._pos = b"", 0
             return self._finish()
         if self.in_message:
-            raise FramingError("connection closed in the middle of a message")
+            raise TruncatedMessage("connection closed in the middle of a message")
         return None
 
     @property
