@@ -120,7 +120,9 @@ class Server:
         self._prefix = url_prefix
         self._settings = settings
         self._label = label
-        self._allowed = settings.allowed_uids
+        self._allowed = (
+            settings.allowed_uids if settings.allowed_uids is not None else frozenset({os.getuid()})
+        )
         self._conns: set[socket.socket] = set()
         self._routes: dict[str, str] = {}  # request target -> route, for repeated calls
         self._lock = threading.Lock()
@@ -151,7 +153,6 @@ class Server:
     # -- connections ---------------------------------------------------------------------------
 
     def _accept_loop(self) -> None:
-        own_uid = None
         while not self._closing:
             try:
                 conn, _ = self._listener.accept()
@@ -163,10 +164,7 @@ class Server:
                 continue
             try:
                 uid = peer_uid(conn)
-                if own_uid is None:
-                    own_uid = os.getuid()
-                allowed = self._allowed if self._allowed is not None else frozenset({own_uid})
-                if uid is not None and uid not in allowed:
+                if uid is not None and uid not in self._allowed:
                     log.warning("%s: refused a connection from uid %s", self._label, uid)
                     conn.close()
                     continue
