@@ -336,3 +336,27 @@ def test_in_process_plugin_and_registry(plugin_dir: Path) -> None:
         handle = registry.get_plugin("Local", "Here")
         assert handle is not None and handle.execute("Twice", b"ab") == b"abab"
     assert not list(plugin_dir.iterdir())
+
+
+def test_plugin_is_running_when_a_registry_activates_it_during_start(
+    plugin_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A watching registry may activate the plugin as soon as its .pconf appears, before start()
+    # returns; an activator that starts work "while the plugin runs" must see it running.
+    import goplug.plugin
+
+    activated = threading.Event()
+    seen: list[bool] = []
+    plugin = goplug.Plugin(plugin_dir, "Early", activator=lambda data: seen.append(plugin.running))
+    write = goplug.plugin.write_atomically
+
+    def write_then_wait_for_activation(path: str, data: bytes) -> None:
+        write(path, data)
+        assert activated.wait(10), "the registry did not activate the plugin"
+
+    monkeypatch.setattr(goplug.plugin, "write_atomically", write_then_wait_for_activation)
+    with PluginRegistry(plugin_dir) as registry:
+        registry.add_listener(lambda e: e.kind == "loaded" and activated.set())
+        with plugin:
+            assert seen == [True]
+            assert registry.is_loaded("Early")

@@ -186,6 +186,9 @@ class Plugin:
             )
             server.start()
             self._server = server
+            # Running from here on: a registry may activate the plugin as soon as the file
+            # below appears, before this method returns, and an activator may check it.
+            self._phase = _Phase.RUNNING
             conf = PluginConf(
                 name=self.name,
                 namespace=self.namespace,
@@ -198,10 +201,11 @@ class Plugin:
             try:
                 write_atomically(self.pconf_path, dump_pconf(conf))
             except OSError:
+                self._phase = _Phase.NEW
+                self._server = None
                 server.close()
                 self._transport.unlink(self.sock_path)
                 raise
-            self._phase = _Phase.RUNNING
         log.info("plugin %s listening on %s", self.label, self.sock_path)
 
     def stop(self) -> None:
