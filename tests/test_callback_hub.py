@@ -289,10 +289,13 @@ def test_unsubscribe() -> None:
     assert hub.names() == []
     with pytest.raises(CallbackNotFound):
         hub.notify("cb", b"b")
-    # Subscribing again starts afresh: the queue went with the subscriber.
+    # The subscriber is gone for good: a late poll of its own does not bring it back...
     assert poll_now(hub, "s", "cb", 0) is None
+    assert hub.names() == []
+    # ...while a new subscriber starts afresh: the queue went with the old one.
+    assert poll_now(hub, "s2", "cb", 0) is None
     hub.notify("cb", b"c")
-    assert poll_now(hub, "s", "cb", 0) == Batch(1, [b"c"], False)
+    assert poll_now(hub, "s2", "cb", 0) == Batch(1, [b"c"], False)
     poll_now(hub, None, "legacy", 0)
     assert hub.unsubscribe(None, "legacy") is True
 
@@ -316,20 +319,35 @@ def test_unsubscribe_releases_a_blocked_notify(pool: ThreadPoolExecutor) -> None
     assert blocked.exception(WAIT) is None
 
 
-def test_unsubscribe_releases_a_poll_even_if_the_subscriber_comes_back(
+def test_a_poll_in_flight_does_not_revive_an_unsubscribed_subscriber(
     pool: ThreadPoolExecutor,
 ) -> None:
+    # A registry's poll may be read after its /Unsubscribe (different connections): it must
+    # end at once instead of creating the subscriber again, which would then linger listed.
     hub, spy = make_hub()
     old = poll_async(pool, hub, "s", "cb", 0)
     spy.expect_wait()
     try:
         with hub._cond:  # nothing else runs between these two steps
             hub.unsubscribe("s", "cb")
-            assert poll_now(hub, "s", "cb", 0) is None  # the same subscriber polls again
-        hub.notify("cb", b"new")
-        assert old.result(1.0) is None  # the forgotten subscriber's poll should have ended
+            assert poll_now(hub, "s", "cb", 3) is None  # the late poll
+        assert old.result(1.0) is None  # the forgotten subscriber's waiting poll ended too
+        assert hub.names() == []
+        with pytest.raises(CallbackNotFound):
+            hub.notify("cb", b"new")
     finally:
         hub.close()
+
+
+def test_ended_subscribers_are_remembered_within_a_bound() -> None:
+    hub = CallbackHub()
+    for i in range(5000):
+        hub.unsubscribe(f"s{i}", "cb")
+    assert len(hub._ended) == 4096
+    assert poll_now(hub, "s4999", "cb", 0) is None  # the newest are remembered
+    assert hub.names() == []
+    poll_now(hub, "s0", "cb", 0)  # the oldest fell out of memory: it is a new subscriber
+    assert hub.names() == ["cb"]
 
 
 class FakeClock:

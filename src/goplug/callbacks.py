@@ -21,6 +21,8 @@ __all__ = ["Batch", "CallbackHub", "CallbackSettings"]
 
 log = LazyLogger("goplug.callbacks")
 
+_MAX_ENDED = 4096
+
 
 class CallbackSettings(NamedTuple):
     """Bounds of the plugin's callback queues."""
@@ -65,6 +67,9 @@ class CallbackHub:
         self.settings = settings or CallbackSettings()
         self._cond = threading.Condition()
         self._subs: dict[tuple[str, str], _Subscriber] = {}
+        # Subscribers that unsubscribed: their tokens are never reused, so a poll of theirs
+        # still in flight (sent before the unsubscribe, read after it) must not bring them back.
+        self._ended: dict[tuple[str, str], None] = {}
         self._closed = False
 
     def names(self) -> list[str]:
@@ -131,7 +136,7 @@ class CallbackHub:
         """
         key = (subscriber or "", name)
         with self._cond:
-            if self._closed:
+            if self._closed or key in self._ended:
                 return None
             sub = self._subs.get(key)
             if sub is None:
@@ -174,8 +179,13 @@ class CallbackHub:
 
     def unsubscribe(self, subscriber: str | None, name: str) -> bool:
         """Forget a subscriber and its queue; return whether it existed."""
+        key = (subscriber or "", name)
         with self._cond:
-            found = self._subs.pop((subscriber or "", name), None) is not None
+            found = self._subs.pop(key, None) is not None
+            if subscriber is not None:
+                self._ended[key] = None
+                if len(self._ended) > _MAX_ENDED:
+                    del self._ended[next(iter(self._ended))]
             self._cond.notify_all()
             return found
 
