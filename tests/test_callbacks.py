@@ -118,3 +118,31 @@ def test_subscription_survives_plugin_restart(plugin_dir: Path, spawn: Spawner) 
         subscribed(handle, "tick")
         handle.execute("Notify", b"tick\nafter")
         wait_for(lambda: b"after" in got)
+
+
+def test_a_plugin_stopping_under_a_waiting_poll_does_not_end_the_subscription(
+    plugin_dir: Path,
+) -> None:
+    # A stopping plugin answers the waiting poll with 503: the subscription must outlive that
+    # and come back to the plugin's next run.
+    import goplug
+
+    first = goplug.Plugin(plugin_dir, "Again")
+    with PluginRegistry(plugin_dir) as registry:
+        first.start()
+        handle = loaded(registry, "Again")
+        inbox: list[bytes] = []
+        sub = handle.register_callback(inbox.append, "news")
+        wait_for(lambda: first.callbacks == ["news"])
+        first.stop()
+        wait_for(lambda: not registry.is_loaded("Again"))
+        assert sub.alive
+        second = goplug.Plugin(plugin_dir, "Again")
+        second.start()
+        try:
+            wait_for(lambda: second.callbacks == ["news"])
+            assert second.notify("news", b"back") == 1
+            wait_for(lambda: inbox == [b"back"])
+            assert sub.alive
+        finally:
+            second.stop()

@@ -422,12 +422,14 @@ class Subscription:
             try:
                 self._poll_loop(client, conn)
                 delay = 0.01
-            except (OSError, FramingError, ProtocolError) as exc:
+            except (OSError, FramingError, GoPlugError) as exc:
+                # Cut, garbled or refused (a plugin that is stopping answers 503): the
+                # thread lives on and subscribes again, with backoff, until it is closed.
                 if self._answered:
                     delay = 0.01  # this connection worked: a cut is news, not a pattern
                 if self._stop.is_set():
                     break
-                log.info("callback %r: poll cut (%s); re-subscribing", self.name, exc)
+                log.info("callback %r: poll ended (%s); re-subscribing", self.name, exc)
                 self._on_broken()
                 self._wait(delay)
                 delay = min(delay * 2, self._settings.resubscribe_max_delay)
