@@ -563,7 +563,7 @@ class PluginRegistry:
             if (
                 self._closed
                 or handle.state is not PluginState.DISCOVERED
-                or handle.conf is not conf
+                or handle.conf != conf  # rewritten with other contents meanwhile
             ):
                 client.close()
                 if self._closed:
