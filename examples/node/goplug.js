@@ -24,6 +24,7 @@ const os = require('os');
 const path = require('path');
 
 const PROTOCOL_VERSION = 'goplug/1';
+const VERSION = '0.1.0';
 const RESERVED = new Set(['Activate', 'Ping', 'RegisterCallback', 'Unsubscribe', 'Stop']);
 const SUBSCRIBER_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const ACK_RE = /^[0-9]{1,15}$/;
@@ -988,7 +989,11 @@ class Plugin {
     stopper = null,
     ...settings
   } = {}) {
-    if (typeof location !== 'string' || location === '') throw new ConfigError('location must be a directory path');
+    // No location: the directory a launching registry passes in GOPLUG_DIR.
+    if (location === null || location === undefined) location = process.env.GOPLUG_DIR || '';
+    if (typeof location !== 'string' || location === '') {
+      throw new ConfigError('no plugin directory: pass location, or set GOPLUG_DIR (a registry\'s launch() sets it)');
+    }
     if (namespace === null || namespace === undefined) namespace = '';
     checkName(name, 'name');
     checkName(namespace, 'namespace');
@@ -1261,7 +1266,11 @@ class Plugin {
       LazyLoad: this.lazyLoad,
       Pid: process.pid,
       Protocol: PROTOCOL_VERSION,
+      Version: VERSION,
     };
+    // Started by a registry's launch(): echo its token so that it knows this process.
+    const token = process.env.GOPLUG_LAUNCH_TOKEN || '';
+    if (/^[A-Za-z0-9_-]{1,64}$/.test(token)) conf.Launch = token;
     const data = Buffer.from(JSON.stringify(conf), 'utf8');
     const base = path.basename(this.pconfPath);
     const tmp = path.join(this.location, `.${base}.${process.pid}.${crypto.randomBytes(6).toString('hex')}.tmp`);

@@ -9,7 +9,7 @@
 const { Plugin } = require('./goplug');
 
 function usage(message) {
-  process.stderr.write(`${message}\nusage: node plugin.js DIR [--name NAME] [--namespace NAMESPACE] [--engine net|http]\n`);
+  process.stderr.write(`${message}; usage: node plugin.js [DIR] [--name NAME] [--namespace NAMESPACE] [--engine net|http]\n`);
   process.exit(2);
 }
 
@@ -33,7 +33,8 @@ function parseArgs(argv) {
       usage(`unexpected argument ${arg}`);
     }
   }
-  if (opts.dir === null) usage('the plugin directory is required');
+  if (opts.dir === null) opts.dir = process.env.GOPLUG_DIR || null;
+  if (opts.dir === null) usage('the plugin directory is required (an argument, or GOPLUG_DIR)');
   return opts;
 }
 

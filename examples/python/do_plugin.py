@@ -10,11 +10,13 @@ Run it on its own, with the plugin directory as argument:
     python examples/python/do_plugin.py ./plugins
 
 or through the goplug command, which imports this file and serves the module-level ``plugin``;
-the directory then comes from the environment variable GOPLUG_DIR (default ``./plugins``):
+the directory then comes from the environment variable GOPLUG_DIR:
 
     GOPLUG_DIR=./plugins goplug serve examples/python/do_plugin.py
 
-Either way it serves until SIGINT or SIGTERM, then removes its .pconf and socket.
+or let the application start it: ``registry.launch("examples/python/do_plugin.py")`` sets
+GOPLUG_DIR itself. Either way it serves until SIGINT or SIGTERM, then removes its .pconf and
+socket.
 """
 
 from __future__ import annotations
@@ -32,11 +34,16 @@ NOTIFICATION = b"Test Data"
 log = logging.getLogger("do_plugin")
 
 
-def plugin_dir() -> str:
-    """The plugin directory: argv[1] when run as a script, else $GOPLUG_DIR, else ./plugins."""
-    if __name__ == "__main__" and len(sys.argv) > 1:
-        return sys.argv[1]
-    return os.environ.get("GOPLUG_DIR", "./plugins")
+def plugin_dir() -> str | None:
+    """The plugin directory: argv[1] when run as a script, else None (Plugin reads GOPLUG_DIR)."""
+    if __name__ == "__main__":
+        if len(sys.argv) > 2 or sys.argv[1:] in (["-h"], ["--help"]):
+            sys.exit(f"usage: {sys.argv[0]} [PLUGIN_DIR]  (default: $GOPLUG_DIR)")
+        if len(sys.argv) > 1:
+            return sys.argv[1]
+        if not os.environ.get("GOPLUG_DIR"):
+            sys.exit(f"{sys.argv[0]}: no plugin directory: give one as argument, or set GOPLUG_DIR")
+    return None
 
 
 def activate(data: bytes) -> bytes | None:
@@ -91,9 +98,6 @@ def _start_ticker() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 or sys.argv[1:] in (["-h"], ["--help"]):
-        print(f"usage: {sys.argv[0]} [PLUGIN_DIR]", file=sys.stderr)
-        sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     log.info("serving Do@Test in %s", os.path.abspath(plugin.location))
     plugin.serve_forever()

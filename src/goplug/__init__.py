@@ -55,6 +55,9 @@ if TYPE_CHECKING:
         PluginNotLoaded as PluginNotLoaded,
     )
     from goplug.errors import (
+        PluginStartError as PluginStartError,
+    )
+    from goplug.errors import (
         ProtocolError as ProtocolError,
     )
     from goplug.errors import (
@@ -62,6 +65,12 @@ if TYPE_CHECKING:
     )
     from goplug.errors import (
         RemoteError as RemoteError,
+    )
+    from goplug.launcher import (
+        LaunchSettings as LaunchSettings,
+    )
+    from goplug.launcher import (
+        PluginProcess as PluginProcess,
     )
     from goplug.plugin import (
         Plugin as Plugin,
@@ -111,9 +120,12 @@ _WHERE = {
     "PluginConnectionError": "goplug.errors",
     "PluginNotDiscovered": "goplug.errors",
     "PluginNotLoaded": "goplug.errors",
+    "PluginStartError": "goplug.errors",
     "ProtocolError": "goplug.errors",
     "RegistryClosed": "goplug.errors",
     "RemoteError": "goplug.errors",
+    "LaunchSettings": "goplug.launcher",
+    "PluginProcess": "goplug.launcher",
     "Plugin": "goplug.plugin",
     "PluginSettings": "goplug.plugin",
     "serve": "goplug.plugin",
@@ -133,6 +145,7 @@ __all__ = [
     "ClientSettings",
     "ConfigError",
     "GoPlugError",
+    "LaunchSettings",
     "Limits",
     "MethodNotFound",
     "NotifyTimeout",
@@ -144,8 +157,10 @@ __all__ = [
     "PluginHandle",
     "PluginNotDiscovered",
     "PluginNotLoaded",
+    "PluginProcess",
     "PluginRegistry",
     "PluginSettings",
+    "PluginStartError",
     "PluginState",
     "ProtocolError",
     "RegistryClosed",

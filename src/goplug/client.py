@@ -28,7 +28,7 @@ from goplug.errors import (
     ProtocolError,
     RegistryClosed,
 )
-from goplug.transport import Transport, set_timeouts
+from goplug.transport import Transport, peer_pid, set_timeouts
 from goplug.wire import routes
 from goplug.wire.http import FramingError, Limits, Message, MessageReader, TruncatedMessage
 from goplug.wire.pconf import PluginConf
@@ -243,6 +243,17 @@ class PluginClient:
             return self._idle.pop()
         except IndexError:
             return self.connect()
+
+    def peer_pid(self) -> int | None:
+        """Return the pid that listens on the plugin's socket, if the OS tells.
+
+        The connection opened to find out joins the pool, so the next call reuses it.
+        """
+        conn = self._acquire()
+        try:
+            return peer_pid(conn.sock)
+        finally:
+            self._idle.append(conn)
 
     def connect(self) -> Connection:
         """Open a new connection to the plugin (not pooled until used)."""

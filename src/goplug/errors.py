@@ -14,6 +14,7 @@ __all__ = [
     "PluginConnectionError",
     "PluginNotDiscovered",
     "PluginNotLoaded",
+    "PluginStartError",
     "ProtocolError",
     "RegistryClosed",
     "RemoteError",
@@ -50,6 +51,25 @@ class PluginNotLoaded(GoPlugError):
 
 class PluginAlreadyRunning(GoPlugError):
     """A live plugin already owns the socket this plugin wants to listen on."""
+
+
+class PluginStartError(GoPlugError):
+    """A launched plugin did not come up: it exited, or did not announce itself in time.
+
+    :attr:`exit_code` is its exit status (negative: killed by that signal; None: it was still
+    running and was stopped); :attr:`stderr_tail` holds the last lines it wrote to stderr.
+    """
+
+    def __init__(
+        self, message: str, exit_code: int | None = None, stderr_tail: list[str] | None = None
+    ) -> None:
+        tail = stderr_tail or []
+        text = message
+        if tail:
+            text += "\nlast lines of its stderr:\n" + "\n".join("  " + line for line in tail)
+        super().__init__(text)
+        self.exit_code = exit_code
+        self.stderr_tail = tail
 
 
 class PluginConnectionError(GoPlugError):

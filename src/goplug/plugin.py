@@ -18,6 +18,8 @@ from goplug.server import MethodFunc, Server, ServerSettings
 from goplug.transport import Transport, UnixTransport, socket_path_for
 from goplug.wire import routes
 from goplug.wire.pconf import (
+    ENV_DIR,
+    ENV_LAUNCH_TOKEN,
     PROTOCOL_VERSION,
     PluginConf,
     check_name,
@@ -64,11 +66,15 @@ class Plugin:
     >>> @plugin.method
     ... def Do(data: bytes) -> bytes:
     ...     return data.upper()
+
+    ``location=None`` takes the directory from the environment variable ``GOPLUG_DIR``, which a
+    registry sets when it launches the plugin (:meth:`PluginRegistry.launch`); a plugin started
+    that way also echoes the registry's launch token in its `.pconf`.
     """
 
     def __init__(
         self,
-        location: str | os.PathLike[str],
+        location: str | os.PathLike[str] | None,
         name: str,
         namespace: str = "",
         url: str | None = None,
@@ -81,6 +87,13 @@ class Plugin:
     ) -> None:
         check_name(name, "name", plugin_side=True)
         check_name(namespace, "namespace", plugin_side=True)
+        if location is None:
+            location = os.environ.get(ENV_DIR, "")
+            if not location:
+                raise ConfigError(
+                    f"plugin {file_stem(name, namespace)}: no plugin directory; pass one, or set "
+                    f"{ENV_DIR} (a registry's launch() sets it)"
+                )
         self.location = os.path.abspath(os.fspath(location))
         self.name = name
         self.namespace = namespace
@@ -197,6 +210,8 @@ class Plugin:
                 lazy_load=self.lazy_load,
                 pid=os.getpid(),
                 protocol=PROTOCOL_VERSION,
+                version=_version(),
+                launch=_launch_token(),
             )
             try:
                 write_atomically(self.pconf_path, dump_pconf(conf))
@@ -270,3 +285,20 @@ def serve(*plugins: Plugin) -> None:
             signal.signal(sig, handler)
         for plugin in plugins:
             plugin.stop()
+
+
+def _version() -> str:
+    from goplug import __version__
+
+    return __version__
+
+
+def _launch_token() -> str:
+    """The launch token to echo, if a registry launched this process and it is well-formed."""
+    token = os.environ.get(ENV_LAUNCH_TOKEN, "")
+    valid = all(c.isascii() and (c.isalnum() or c in "-_") for c in token)
+    if token and len(token) <= 64 and valid:
+        return token
+    if token:
+        log.warning("ignoring a malformed %s", ENV_LAUNCH_TOKEN)
+    return ""

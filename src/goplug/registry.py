@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import enum
+import functools
 import logging
 import os
 import select
+import stat
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -24,11 +29,33 @@ from goplug.errors import (
     PluginConnectionError,
     PluginNotDiscovered,
     PluginNotLoaded,
+    PluginStartError,
     RegistryClosed,
 )
+from goplug.launcher import (
+    RESTART_POLICIES,
+    Launcher,
+    LaunchSettings,
+    PluginProcess,
+    RestartPolicy,
+    describe_exit,
+)
+from goplug.process import Child
 from goplug.transport import Transport, UnixTransport, check_owner
 from goplug.wire import routes
-from goplug.wire.pconf import MAX_PCONF_BYTES, PluginConf, file_stem, parse_pconf
+from goplug.wire.pconf import (
+    ENV_DIR,
+    ENV_LAUNCH_TOKEN,
+    ENV_NAME,
+    ENV_NAMESPACE,
+    MAX_PCONF_BYTES,
+    PluginConf,
+    check_name,
+    check_protocol,
+    file_stem,
+    parse_pconf,
+    write_atomically,
+)
 
 __all__ = [
     "PluginEvent",
@@ -54,7 +81,7 @@ class PluginState(enum.Enum):
     """Activated: methods can be called."""
 
 
-EventKind = Literal["discovered", "loaded", "unloaded", "lost"]
+EventKind = Literal["discovered", "loaded", "unloaded", "lost", "failed"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +108,11 @@ class RegistrySettings:
     """Watch the directory with inotify; False polls it."""
     poll_interval: float = 0.1
     """Polling period when inotify is not used (seconds)."""
+    ping_interval: float | None = None
+    """How often loaded plugins the registry did not launch are pinged (None: never); one that
+    fails ``launch.ping_failures`` pings in a row is marked lost."""
+    launch: LaunchSettings = field(default_factory=LaunchSettings)
+    """Supervision of launched plugins: stop grace, restart backoff, health pings."""
 
 
 class PluginHandle:
@@ -100,7 +132,12 @@ class PluginHandle:
         """Bytes the plugin's activator returned at the last load."""
         self.conf: PluginConf | None = None
         """The announce file this plugin was last discovered from."""
+        self.process: PluginProcess | None = None
+        """The process behind the plugin when this registry launched it (else None)."""
         self._client: PluginClient | None = None
+        self._ping_failures = 0
+        self._pinging = False
+        self._next_ping = 0.0
         self._subscriptions: list[Subscription] = []
         self._load_lock = threading.Lock()  # one load at a time (discovery vs load_plugin)
 
@@ -209,6 +246,9 @@ class PluginRegistry:
         self._listeners: list[Callable[[PluginEvent], object]] = []
         self._closed = False
         self._loader: ThreadPoolExecutor | None = None
+        self._launches: dict[tuple[str, str], PluginProcess] = {}  # identity -> its process
+        self._unnamed: list[PluginProcess] = []  # launched without a name, not announced yet
+        self._launcher: Launcher | None = None
         if not os.path.isdir(self.location):
             os.makedirs(self.location, mode=0o700, exist_ok=True)
         self._discovery = DirectoryDiscovery(
@@ -326,7 +366,15 @@ class PluginRegistry:
                 raise PluginNotLoaded(f"plugin {handle.label} is not loaded")
             client = handle._client
             handle._client = None
-            listeners = self._set_state(handle, PluginState.DISCOVERED)
+            proc = handle.process
+            if proc is not None and proc.state in ("stopped", "failed"):
+                proc = None
+            if proc is not None:
+                with proc.cond:
+                    proc.state = "stopping"  # its exit is expected now, not a crash
+            # A launched plugin goes with its process; another one stays announced.
+            new_state = PluginState.STOPPED if proc is not None else PluginState.DISCOVERED
+            listeners = self._set_state(handle, new_state)
             subs, handle._subscriptions = handle._subscriptions, []
         for sub in subs:
             sub.close()
@@ -345,7 +393,97 @@ class PluginRegistry:
             except GoPlugError as exc:
                 log.warning("plugin %s: /Stop failed: %s", handle.label, exc)
             client.close()
+        if proc is not None:
+            self._stop_launched([proc])
+            with self._lock:
+                if self._launches.get((handle.namespace, handle.name)) is proc:
+                    del self._launches[(handle.namespace, handle.name)]
         self._emit("unloaded", handle, listeners)
+
+    def launch(
+        self,
+        command: Sequence[str] | str,
+        *,
+        name: str | None = None,
+        namespace: str = "",
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        restart: RestartPolicy = "on-failure",
+        max_restarts: int = 5,
+        start_timeout: float = 10.0,
+    ) -> PluginHandle:
+        """Start a plugin process, wait until it announces itself, load it; return its handle.
+
+        ``command`` is an argument list (any executable, any language), or a string naming a
+        Python file or ``module:attr`` to run through ``goplug serve``. The process learns where
+        to announce itself from the environment (``GOPLUG_DIR``, ``GOPLUG_LAUNCH_TOKEN``, see
+        docs/PROTOCOL.md); ``env`` adds variables. It is recognised by the launch token it
+        echoes in its `.pconf`, or, for plugins that know nothing of goplug (give ``name``),
+        by its socket being served by the launched process or a descendant. With ``name`` the
+        plugin must announce exactly that name and namespace.
+
+        The registry keeps it alive: ``restart`` is ``never``, ``on-failure`` (default) or
+        ``always``, with exponential backoff and at most ``max_restarts`` restarts within the
+        restart window (``settings.launch``); after that a "failed" event is sent. Unloading the
+        handle or closing the registry stops the process. Raises PluginStartError (carrying the
+        exit code and the last stderr lines) when it exits or stays silent for
+        ``start_timeout`` seconds, ConfigError for bad arguments.
+        """
+        self._check_open()
+        argv = _command_line(command)
+        if restart not in RESTART_POLICIES:
+            raise ConfigError(f"restart must be one of {sorted(RESTART_POLICIES)}, not {restart!r}")
+        if max_restarts < 0 or start_timeout <= 0:
+            raise ConfigError("max_restarts must be >= 0 and start_timeout > 0")
+        if name is not None:
+            check_name(name, "name")
+            check_name(namespace, "namespace")
+        proc = PluginProcess(
+            argv,
+            dict(env or {}),
+            os.fspath(cwd) if cwd is not None else None,
+            name,
+            namespace,
+            restart,
+            max_restarts,
+            start_timeout,
+        )
+        with self._lock:
+            self._check_open()
+            if name is not None:
+                identity = (namespace, name)
+                other = self._launches.get(identity)
+                if other is not None and other.state not in ("stopped", "failed"):
+                    raise PluginAlreadyLoaded(f"plugin {proc.label} was launched already")
+                handle = self._handles.get(identity)
+                if handle is not None and handle.state is PluginState.LOADED:
+                    raise PluginAlreadyLoaded(f"plugin {proc.label} is already loaded")
+                self._launches[identity] = proc
+            else:
+                self._unnamed.append(proc)
+            if self._launcher is None:
+                self._launcher = Launcher(self._on_process_exit)
+                _LAUNCHING.add(self)
+            launcher = self._launcher
+        child = None
+        try:
+            child = self._spawn(launcher, proc)
+            return self._await_start(proc, child)
+        except BaseException:
+            with self._lock:
+                with proc.cond:
+                    proc.state = "stopping"  # this exit is no crash to restart after
+                identity = (proc.namespace, proc.name or "")
+                if self._launches.get(identity) is proc:
+                    del self._launches[identity]
+                with contextlib.suppress(ValueError):
+                    self._unnamed.remove(proc)
+            if child is not None:
+                child.stop(self.settings.launch.stop_grace)
+                self._remove_leftovers(proc, child)
+            with proc.cond:
+                proc.state = "failed"
+            raise
 
     def stop(self) -> None:
         """End discovery (loaded plugins stay loaded)."""
@@ -358,14 +496,22 @@ class PluginRegistry:
     def close(self) -> None:
         """End discovery and disconnect from every plugin, callbacks included.
 
-        Plugins keep running (the registry did not start them). Calls in flight raise
-        RegistryClosed. Returns within about a second.
+        Plugins the registry did not start keep running; the ones it launched are stopped
+        (`/Stop`, SIGTERM, then SIGKILL after ``settings.launch.stop_grace``). Calls in flight
+        raise RegistryClosed. Returns within about a second, plus the time launched plugins
+        take to stop.
         """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             handles = list(self._handles.values())
+            procs = [*self._launches.values(), *self._unnamed]
+            for proc in procs:
+                with proc.cond:
+                    if proc.state not in ("stopped", "failed"):
+                        proc.state = "stopping"
+                    proc.cond.notify_all()
         self._discovery.stop()
         subs: list[Subscription] = []
         for handle in handles:
@@ -374,9 +520,20 @@ class PluginRegistry:
                 subs.extend(handle._subscriptions)
                 handle._subscriptions = []
                 if handle.state is PluginState.LOADED:
-                    handle.state = PluginState.DISCOVERED
+                    launched = handle.process is not None
+                    handle.state = PluginState.STOPPED if launched else PluginState.DISCOVERED
             if client is not None:
+                if handle.process is not None:
+                    with contextlib.suppress(GoPlugError):
+                        client.request(routes.STOP, b"", min(0.5, self.settings.launch.stop_grace))
                 client.close()
+        if procs:
+            self._stop_launched(procs)
+            for proc in procs:
+                self._record_launch(proc)  # closed: the records go
+        if self._launcher is not None:
+            self._launcher.close()
+        _LAUNCHING.discard(self)
         for sub in subs:
             sub.close(timeout=0)
         deadline = time.monotonic() + 0.9
@@ -441,7 +598,9 @@ class PluginRegistry:
             data = os.read(fd, MAX_PCONF_BYTES + 1)
         finally:
             os.close(fd)
-        return parse_pconf(data, path)
+        conf = parse_pconf(data, path)
+        check_protocol(conf)
+        return conf
 
     def _on_files(self, changed: list[str], removed: list[str]) -> None:
         for path in removed:
@@ -465,7 +624,25 @@ class PluginRegistry:
                 continue
             self._announce(path, conf)
 
+    def _refuse(self, path: str, error: ConfigError) -> None:
+        with self._lock:
+            first = path not in self._broken or str(self._broken[path]) != str(error)
+            self._broken[path] = error
+        if first:
+            log.warning("skipping plugin announce file: %s", error)
+
     def _announce(self, path: str, conf: PluginConf) -> None:
+        proc, refusal = self._launch_for(conf)
+        if refusal:
+            self._refuse(
+                path,
+                ConfigError(
+                    f"refused {file_stem(conf.name, conf.namespace)}, a plugin this registry "
+                    f"launched: {refusal}",
+                    path,
+                ),
+            )
+            return
         with self._lock:
             if self._closed:
                 return
@@ -479,6 +656,10 @@ class PluginRegistry:
                 )
             previous, handle.conf = handle.conf, conf
             state = handle.state
+            if proc is not None:
+                handle.process = proc
+            # A launched plugin is loaded whatever its LazyLoad says: launching asked for it.
+            auto_load = proc is not None or (not conf.lazy_load and self.auto_discover)
         if old_identity is not None and old_identity != conf.identity:
             old = self._handles.get(old_identity)
             if old is not None:
@@ -492,13 +673,13 @@ class PluginRegistry:
         elif state is PluginState.DISCOVERED:
             if previous is not None and _same_endpoint(previous, conf):
                 return
-            if not conf.lazy_load and self.auto_discover:
+            if auto_load:
                 self._schedule_load(handle)  # announced anew: a new process may be listening
             return
         with self._lock:
             listeners = self._set_state(handle, PluginState.DISCOVERED)
         self._emit("discovered", handle, listeners)
-        if not conf.lazy_load and self.auto_discover:
+        if auto_load:
             self._schedule_load(handle)
 
     def _rediscover(self, handle: PluginHandle) -> None:
@@ -527,6 +708,11 @@ class PluginRegistry:
                 # Typically an announce file left by a plugin that died: nobody listens. It is
                 # tried again only when the file changes (the plugin starts anew).
                 self._lose(handle, f"nobody answers: {exc}")
+            except ConfigError as exc:  # e.g. an impostor under a launched plugin's name
+                if exc.path:
+                    self._refuse(exc.path, exc)
+                else:
+                    log.warning("could not load plugin %s: %s", handle.label, exc)
             except GoPlugError as exc:
                 log.warning("could not load plugin %s: %s", handle.label, exc)
 
@@ -554,6 +740,7 @@ class PluginRegistry:
         check_owner(conf.sock, self._allowed, f"socket of {handle.label}", want_socket=True)
         client = PluginClient(conf, self._transport, self.settings.client)
         try:
+            self._check_launched_peer(handle, conf, client)
             body = client.request(routes.ACTIVATE, b"", self.settings.client.activate_timeout)
             methods, extra = routes.parse_activation(body)
         except GoPlugError:
@@ -572,8 +759,19 @@ class PluginRegistry:
             handle.methods = methods
             handle.activation_output = extra
             handle._client = client
+            handle._ping_failures = 0
+            handle._next_ping = 0.0
             listeners = self._set_state(handle, PluginState.LOADED)
             subs = list(handle._subscriptions)
+        proc = handle.process
+        if proc is not None:
+            with proc.cond:
+                if conf.launch == proc.token or not conf.launch:
+                    if proc.state in ("starting", "restarting"):
+                        proc.state = "running"
+                    self._record_launch(proc)
+                    proc.loaded_child = proc.child
+                proc.cond.notify_all()
         for sub in subs:
             sub.kick()
         log.info("loaded plugin %s (%d methods)", handle.label, len(methods))
@@ -619,6 +817,313 @@ class PluginRegistry:
         for handle, client in suspects:
             if not client.sweep():
                 self._check_alive(handle, client)
+        self._ping_due(time.monotonic())
+
+    # -- launched plugins ----------------------------------------------------------------------
+
+    def _spawn(self, launcher: Launcher, proc: PluginProcess) -> Child:
+        token = proc.new_token()
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")  # its log lines arrive as they are written
+        env.update(proc.env)
+        env[ENV_DIR] = self.location
+        env[ENV_LAUNCH_TOKEN] = token
+        if proc.name is not None:
+            env[ENV_NAME] = proc.name
+            env[ENV_NAMESPACE] = proc.namespace
+        try:
+            return launcher.spawn(proc, env, token)
+        except OSError as exc:
+            raise PluginStartError(f"cannot start {proc.label}: {exc}", None) from None
+
+    def _await_start(self, proc: PluginProcess, child: Child) -> PluginHandle:
+        """Wait until ``child`` is loaded; raise PluginStartError if it exits or times out."""
+        deadline = time.monotonic() + proc.start_timeout
+        with proc.cond:
+            while True:
+                handle = self._handles.get((proc.namespace, proc.name or ""))
+                if proc.loaded_child is child and handle is not None:
+                    return handle
+                if proc.refusal:
+                    raise PluginStartError(
+                        f"{proc.label}: {proc.refusal}", child.exit_code, list(child.stderr_tail)
+                    )
+                if child.has_exited():
+                    code = child.reap()
+                    raise PluginStartError(
+                        f"{proc.label} (pid {child.pid}) ended ({describe_exit(code)}) "
+                        "before it announced itself",
+                        code,
+                        list(child.stderr_tail),
+                    )
+                if self._closed:
+                    raise RegistryClosed("the registry was closed while a plugin was starting")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PluginStartError(
+                        f"{proc.label} (pid {child.pid}) did not announce itself within "
+                        f"{proc.start_timeout:g} s (it must write its .pconf in {self.location})",
+                        None,
+                        list(child.stderr_tail),
+                    )
+                if not self.auto_discover:
+                    proc.cond.release()  # nobody watches the directory: look ourselves
+                    try:
+                        self._discovery.scan()
+                    finally:
+                        proc.cond.acquire()
+                    if proc.loaded_child is child or proc.refusal:
+                        continue
+                # Announcements, loads and exits notify the condition; the bound on the wait
+                # only paces the directory scans done without auto discovery.
+                proc.cond.wait(min(remaining, 1.0 if self.auto_discover else 0.05))
+
+    def _launch_for(self, conf: PluginConf) -> tuple[PluginProcess | None, str]:
+        """Find the launched plugin an announcement belongs to; return it and a refusal."""
+        with self._lock:
+            proc = self._launches.get(conf.identity)
+            if proc is not None and proc.state in ("stopped", "failed", "stopping"):
+                proc = None
+            if proc is not None:
+                if conf.launch and conf.launch != proc.token:
+                    return proc, "it does not carry the launch token of the process started"
+                return proc, ""
+            if not conf.launch:
+                return None, ""
+            for candidate in [*self._unnamed, *self._launches.values()]:
+                if candidate.token != conf.launch:
+                    continue
+                if candidate.name is not None:
+                    refusal = (
+                        f"the launched process announced {file_stem(conf.name, conf.namespace)}, "
+                        f"not {candidate.label}"
+                    )
+                    with candidate.cond:
+                        candidate.refusal = refusal
+                        candidate.cond.notify_all()
+                    return None, refusal
+                self._unnamed.remove(candidate)
+                candidate.name, candidate.namespace = conf.name, conf.namespace
+                self._launches[conf.identity] = candidate
+                child = candidate.child
+                if child is not None:
+                    child.logger = logging.getLogger(
+                        "goplug.plugin."
+                        + (f"{conf.namespace}.{conf.name}" if conf.namespace else conf.name)
+                    )
+                return candidate, ""
+        return None, ""
+
+    def _check_launched_peer(
+        self, handle: PluginHandle, conf: PluginConf, client: PluginClient
+    ) -> None:
+        """A launched plugin without the token must be served by the launched process tree."""
+        proc = handle.process
+        if proc is None or (conf.launch and conf.launch == proc.token):
+            return
+        pid = client.peer_pid()
+        if not proc.owns(pid):
+            raise ConfigError(
+                f"plugin {handle.label} was launched by this registry, but its socket is served "
+                f"by pid {pid}, not by the launched pid {proc.pid} or its descendants",
+                conf.path or None,
+            )
+
+    def _on_process_exit(self, proc: PluginProcess, child: Child) -> None:
+        """A launched process ended (on its own thread): lose the plugin, restart or give up."""
+        code = child.reap()
+        with proc.cond:
+            proc.cond.notify_all()
+            if proc.child is not child or proc.state not in ("running", "restarting"):
+                return  # a start in progress reports it; a stop expects it
+            proc.reason = f"pid {child.pid} ended ({describe_exit(code)})"
+        log.warning("launched plugin %s: %s", proc.label, proc.reason)
+        handle = self._handles.get((proc.namespace, proc.name or ""))
+        if handle is not None:
+            self._lose(handle, proc.reason)
+        self._remove_leftovers(proc, child)
+        with self._lock:
+            if self._closed:
+                return
+            with proc.cond:
+                delay = proc.next_restart(code, self.settings.launch)
+            launcher = self._launcher
+        if delay is not None and launcher is not None:
+            log.info("restarting %s in %.2f s", proc.label, delay)
+            launcher.later(delay, lambda: self._restart(proc))
+            return
+        self._record_launch(proc)
+        if proc.failed and handle is not None:
+            reason = (
+                f"{proc.reason}; gave up after {proc.max_restarts} restarts in "
+                f"{self.settings.launch.restart_window:g} s"
+            )
+            tail = list(child.stderr_tail)[-5:]
+            if tail:
+                reason += "; last stderr lines: " + " | ".join(tail)
+            log.error("launched plugin %s failed: %s", proc.label, reason)
+            with self._lock:
+                listeners = list(self._listeners)
+            self._emit("failed", handle, listeners, reason)
+
+    def _restart(self, proc: PluginProcess) -> None:
+        """On the launcher thread: start the next process, then wait for it elsewhere."""
+        with self._lock:
+            launcher = self._launcher
+            if self._closed or launcher is None or proc.state != "restarting":
+                return
+        proc.restarts += 1
+        try:
+            child = self._spawn(launcher, proc)
+        except PluginStartError as exc:
+            log.error("launched plugin %s: %s", proc.label, exc)
+            proc.state = "failed"
+            return
+
+        def wait() -> None:
+            try:
+                self._await_start(proc, child)
+            except GoPlugError as exc:
+                log.warning("restart of %s failed: %s", proc.label, exc)
+                child.signal_group(9)  # its exit brings the policy back in
+            else:
+                log.info("restarted %s (pid %d)", proc.label, child.pid)
+
+        threading.Thread(target=wait, name="goplug-restart", daemon=True).start()
+
+    def _stop_launched(self, procs: list[PluginProcess]) -> None:
+        """Stop launched processes together: SIGTERM, then SIGKILL after the grace period."""
+        children: list[tuple[PluginProcess, Child]] = []
+        for proc in procs:
+            with proc.cond:
+                if proc.state in ("stopped", "failed") and (
+                    proc.child is None or proc.child.exit_code is not None
+                ):
+                    continue
+                proc.state = "stopping"
+                child = proc.child
+            if child is not None:
+                children.append((proc, child))
+                if not child.has_exited():
+                    child.signal_group(15)
+        deadline = time.monotonic() + self.settings.launch.stop_grace
+        for _, child in children:
+            child.wait_exit(max(0.0, deadline - time.monotonic()))
+        for proc, child in children:
+            if not child.has_exited():
+                log.warning(
+                    "launched plugin %s (pid %d) ignored SIGTERM for %g s: killing it",
+                    proc.label,
+                    child.pid,
+                    self.settings.launch.stop_grace,
+                )
+                child.signal_group(9)
+        for proc, child in children:
+            child.wait_exit(5.0)
+            child.reap()
+            self._remove_leftovers(proc, child)
+            with proc.cond:
+                proc.state = "stopped"
+                proc.cond.notify_all()
+            self._record_launch(proc)
+
+    def _record_launch(self, proc: PluginProcess) -> None:
+        """Keep ``.<stem>.launch`` up to date, for ``goplug ls`` in other processes."""
+        with proc.cond:  # one writer at a time, so the last state written is the last one
+            self._write_launch_record(proc)
+
+    def _write_launch_record(self, proc: PluginProcess) -> None:
+        if proc.name is None:
+            return
+        path = os.path.join(self.location, "." + file_stem(proc.name, proc.namespace) + ".launch")
+        if proc.state in ("stopping", "stopped") or self._closed:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return
+        import json
+
+        record = {
+            "Name": proc.name,
+            "NameSpace": proc.namespace,
+            "Pid": proc.pid,
+            "Started": proc.started,
+            "Restarts": proc.restarts,
+            "State": proc.state,
+            "Command": proc.command,
+            "Registry": os.getpid(),
+        }
+        try:
+            write_atomically(path, json.dumps(record).encode())
+        except OSError as exc:
+            log.debug("cannot write %s: %s", path, exc)
+
+    def _remove_leftovers(self, proc: PluginProcess, child: Child) -> None:
+        """Remove the announce file and socket a killed launched process could not remove."""
+        identity = (proc.namespace, proc.name or "")
+        handle = self._handles.get(identity)
+        conf = handle.conf if handle is not None else None
+        if conf is None or not conf.path:
+            return
+        try:
+            fresh = self._read_conf(conf.path)
+        except (ConfigError, OSError):
+            return
+        if (fresh.launch and fresh.launch == proc.token) or (fresh.pid == child.pid):
+            for path, want_socket in ((fresh.sock, True), (fresh.path, False)):
+                with contextlib.suppress(OSError):
+                    info = os.lstat(path)
+                    if stat.S_ISSOCK(info.st_mode) == want_socket and info.st_uid == os.getuid():
+                        os.unlink(path)
+
+    def _ping_due(self, now: float) -> None:
+        """Start the health pings that are due (each on a pool thread)."""
+        with self._lock:
+            loaded = [h for h in self._handles.values() if h.state is PluginState.LOADED]
+        for handle in loaded:
+            interval = (
+                self.settings.launch.ping_interval
+                if handle.process is not None
+                else self.settings.ping_interval
+            )
+            if interval is None or handle._pinging or now < handle._next_ping:
+                continue
+            handle._pinging = True
+            handle._next_ping = now + interval
+            self._run_in_pool(functools.partial(self._health_ping, handle))
+
+    def _health_ping(self, handle: PluginHandle) -> None:
+        try:
+            handle.ping()
+            handle._ping_failures = 0
+        except PluginNotLoaded:
+            handle._ping_failures = 0
+        except GoPlugError as exc:
+            handle._ping_failures += 1
+            limit = self.settings.launch.ping_failures
+            failures = handle._ping_failures
+            log.info("plugin %s: ping %d/%d failed: %s", handle.label, failures, limit, exc)
+            if handle._ping_failures >= limit:
+                handle._ping_failures = 0
+                reason = f"it failed {limit} pings in a row"
+                proc = handle.process
+                child = proc.child if proc is not None else None
+                if proc is not None and child is not None and proc.state == "running":
+                    log.warning(
+                        "launched plugin %s: %s; killing pid %d", handle.label, reason, child.pid
+                    )
+                    child.signal_group(9)  # its exit restarts it
+                else:
+                    self._lose(handle, reason)
+        finally:
+            handle._pinging = False
+
+    def _run_in_pool(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(4, thread_name_prefix="goplug-load")
+            self._loader.submit(fn)
 
     def _broken_file_for(self, name: str, namespace: str) -> ConfigError | None:
         stems = {file_stem(name, namespace), namespace + name, name}
@@ -628,6 +1133,31 @@ class PluginRegistry:
                 if base in stems:
                     return error
         return None
+
+
+_LAUNCHING: weakref.WeakSet[PluginRegistry] = weakref.WeakSet()
+"""Registries with launched plugins: closed at interpreter exit, stopping those plugins."""
+
+
+@atexit.register
+def _close_launching() -> None:
+    for registry in list(_LAUNCHING):
+        try:
+            registry.close()
+        except Exception:
+            log.exception("closing a registry at exit failed")
+
+
+def _command_line(command: Sequence[str] | str) -> list[str]:
+    if isinstance(command, str):
+        if not command:
+            raise ConfigError("empty command")
+        # A Python file or module:attr, served by goplug serve with this interpreter.
+        return [sys.executable, "-m", "goplug", "serve", command]
+    argv = [os.fspath(arg) for arg in command]
+    if not argv or not argv[0]:
+        raise ConfigError("empty command")
+    return argv
 
 
 def _same_endpoint(a: PluginConf, b: PluginConf) -> bool:

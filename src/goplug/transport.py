@@ -25,6 +25,7 @@ __all__ = [
     "Transport",
     "UnixTransport",
     "check_owner",
+    "peer_pid",
     "peer_uid",
     "set_timeouts",
     "socket_path_for",
@@ -92,6 +93,14 @@ def peer_uid(sock: socket.socket) -> int | None:
     if sys.platform.startswith("linux"):
         data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
         return int(_UCRED.unpack(data)[1])
+    return None
+
+
+def peer_pid(sock: socket.socket) -> int | None:
+    """Return the pid of the process that set up the other end of a Unix socket, if known."""
+    if sys.platform.startswith("linux"):
+        data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        return int(_UCRED.unpack(data)[0])
     return None
 
 

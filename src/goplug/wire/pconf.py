@@ -16,10 +16,16 @@ from goplug.errors import ConfigError
 from goplug.wire.jsontext import json_string
 
 __all__ = [
+    "ENV_DIR",
+    "ENV_LAUNCH_TOKEN",
+    "ENV_NAME",
+    "ENV_NAMESPACE",
     "MAX_PCONF_BYTES",
     "PROTOCOL_VERSION",
+    "SUPPORTED_PROTOCOLS",
     "PluginConf",
     "check_name",
+    "check_protocol",
     "dump_pconf",
     "file_stem",
     "parse_pconf",
@@ -28,6 +34,15 @@ __all__ = [
 
 MAX_PCONF_BYTES: Final = 64 * 1024
 PROTOCOL_VERSION: Final = "goplug/1"
+SUPPORTED_PROTOCOLS: Final = frozenset({PROTOCOL_VERSION})
+"""Protocol versions a registry speaks; a `.pconf` without one is GoPlug 0.1.0 (also spoken)."""
+
+# The launch handshake: a registry that starts a plugin process passes these variables; the
+# plugin announces itself in ENV_DIR and echoes ENV_LAUNCH_TOKEN in its `.pconf` (key Launch).
+ENV_DIR: Final = "GOPLUG_DIR"
+ENV_LAUNCH_TOKEN: Final = "GOPLUG_LAUNCH_TOKEN"
+ENV_NAME: Final = "GOPLUG_NAME"
+ENV_NAMESPACE: Final = "GOPLUG_NAMESPACE"
 
 # A JSON string, or a comma right before a closing bracket (strings are matched so that commas
 # inside them are left alone).
@@ -68,6 +83,10 @@ class PluginConf(NamedTuple):
     lazy_load: bool = False
     pid: int | None = None
     protocol: str = ""
+    version: str = ""
+    """The goplug version of the plugin's library ('' if it did not say)."""
+    launch: str = ""
+    """The launch token the plugin echoes when a registry started it ('' otherwise)."""
     path: str = ""
     """The file this configuration was read from ('' if it was not read from a file)."""
 
@@ -112,6 +131,8 @@ _FIELDS: Final = {
     "lazyload": ("lazy_load", bool),
     "pid": ("pid", int),
     "protocol": ("protocol", str),
+    "version": ("version", str),
+    "launch": ("launch", str),
 }
 
 
@@ -210,8 +231,22 @@ def parse_pconf(data: bytes, path: str = "") -> PluginConf:
         lazy_load=values.get("lazy_load", False),
         pid=values.get("pid"),
         protocol=values.get("protocol", ""),
+        version=values.get("version", ""),
+        launch=values.get("launch", ""),
         path=path,
     )
+
+
+def check_protocol(conf: PluginConf) -> None:
+    """Raise :class:`ConfigError` unless this side speaks the protocol ``conf`` announces."""
+    if conf.protocol and conf.protocol not in SUPPORTED_PROTOCOLS:
+        spoken = ", ".join(sorted(SUPPORTED_PROTOCOLS))
+        raise ConfigError(
+            f"the plugin speaks protocol {conf.protocol!r}"
+            + (f" (goplug {conf.version})" if conf.version else "")
+            + f"; this registry speaks {spoken} and GoPlug 0.1.0",
+            conf.path or None,
+        )
 
 
 def dump_pconf(conf: PluginConf) -> bytes:
@@ -227,6 +262,10 @@ def dump_pconf(conf: PluginConf) -> bytes:
         fields.append(f'"Pid":{int(conf.pid)}')
     if conf.protocol:
         fields.append(f'"Protocol":{json_string(conf.protocol)}')
+    if conf.version:
+        fields.append(f'"Version":{json_string(conf.version)}')
+    if conf.launch:
+        fields.append(f'"Launch":{json_string(conf.launch)}')
     return ("{" + ",".join(fields) + "}").encode("utf-8", "surrogateescape")
 
 
