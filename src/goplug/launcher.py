@@ -149,6 +149,8 @@ class PluginProcess:
     def label(self) -> str:
         """``name@namespace`` as asked, or the command when no name was given."""
         if self.name is None:
+            if self.command[1:4] == ["-m", "goplug", "serve"] and len(self.command) > 4:
+                return os.path.basename(self.command[4])  # what goplug serve runs
             return os.path.basename(self.command[0])
         return f"{self.name}@{self.namespace}" if self.namespace else self.name
 
@@ -329,8 +331,8 @@ class Launcher:
 
 
 def _logger_suffix(proc: PluginProcess) -> str:
-    if proc.name is None:
-        return "launched." + os.path.basename(proc.command[0]).replace(".", "_")
+    if proc.name is None:  # until the plugin announces its name
+        return "launched." + proc.label.replace(".", "_")
     return f"{proc.namespace}.{proc.name}" if proc.namespace else proc.name
 
 

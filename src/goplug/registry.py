@@ -952,8 +952,7 @@ class PluginRegistry:
             log.info("restarting %s in %.2f s", proc.label, delay)
             launcher.later(delay, lambda: self._restart(proc))
             return
-        self._record_launch(proc)
-        if proc.failed and handle is not None:
+        if proc.failed:
             reason = (
                 f"{proc.reason}; gave up after {proc.max_restarts} restarts in "
                 f"{self.settings.launch.restart_window:g} s"
@@ -961,7 +960,22 @@ class PluginRegistry:
             tail = list(child.stderr_tail)[-5:]
             if tail:
                 reason += "; last stderr lines: " + " | ".join(tail)
-            log.error("launched plugin %s failed: %s", proc.label, reason)
+            self._give_up(proc, reason)
+        else:
+            self._record_launch(proc)
+            with proc.cond:
+                proc.cond.notify_all()
+
+    def _give_up(self, proc: PluginProcess, reason: str) -> None:
+        """A launched plugin will not be restarted again: say so with a "failed" event."""
+        with proc.cond:
+            proc.state = "failed"
+            proc.reason = reason
+            proc.cond.notify_all()
+        self._record_launch(proc)
+        log.error("launched plugin %s failed: %s", proc.label, reason)
+        handle = self._handles.get((proc.namespace, proc.name or ""))
+        if handle is not None:
             with self._lock:
                 listeners = list(self._listeners)
             self._emit("failed", handle, listeners, reason)
@@ -976,8 +990,7 @@ class PluginRegistry:
         try:
             child = self._spawn(launcher, proc)
         except PluginStartError as exc:
-            log.error("launched plugin %s: %s", proc.label, exc)
-            proc.state = "failed"
+            self._give_up(proc, f"restart {proc.restarts} failed: {exc}")
             return
 
         def wait() -> None:
