@@ -150,3 +150,28 @@ def test_aio_registry_under_uvloop(plugin_dir: Path, spawn: Spawner) -> None:
             assert results == [b"%d" % i for i in range(200)]
 
     uvloop.run(main())
+
+
+def test_aio_launch_supervises_like_the_sync_registry(plugin_dir: Path) -> None:
+    import signal
+    import sys
+
+    from conftest import TEST_PLUGIN
+
+    async def main() -> None:
+        settings = goplug.RegistrySettings(launch=goplug.LaunchSettings(backoff_initial=0.01))
+        async with aio.PluginRegistry(plugin_dir, settings=settings) as registry:
+            command = [sys.executable, str(TEST_PLUGIN), str(plugin_dir), "Aio", "T"]
+            handle = await registry.launch(command, name="Aio", namespace="T")
+            assert await handle.execute("Upper", b"a") == b"A"
+            proc = handle.process
+            assert proc is not None and proc.pid is not None
+            first = proc.pid
+            os.kill(first, signal.SIGKILL)
+            await until(lambda: proc.restarts == 1 and registry.is_loaded("Aio", "T"))
+            assert int(await handle.execute("Pid")) == proc.pid != first
+            with pytest.raises(goplug.PluginStartError):
+                await registry.launch([sys.executable, "-c", "raise SystemExit(4)"], name="No")
+        assert proc.state == "stopped" and proc.exit_code == 0
+
+    asyncio.run(main())

@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import inspect
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import cast
 
@@ -33,6 +34,7 @@ from goplug.errors import (
     ProtocolError,
     RegistryClosed,
 )
+from goplug.launcher import PluginProcess, RestartPolicy
 from goplug.registry import PluginEvent, PluginState, RegistrySettings
 from goplug.transport import Transport
 from goplug.wire import routes
@@ -296,6 +298,11 @@ class PluginHandle:
         """Method names the plugin announced."""
         return self.sync.methods
 
+    @property
+    def process(self) -> PluginProcess | None:
+        """The process behind the plugin when the registry launched it (else None)."""
+        return self.sync.process
+
     def _current_pool(self) -> _Pool:
         client = self.sync._client
         if client is None:
@@ -412,6 +419,32 @@ class PluginRegistry:
     async def load_plugin(self, name: str, namespace: str = "") -> PluginHandle:
         """Load a discovered plugin (see :meth:`goplug.PluginRegistry.load_plugin`)."""
         return self._wrap(await asyncio.to_thread(self.sync.load_plugin, name, namespace))
+
+    async def launch(
+        self,
+        command: Sequence[str] | str,
+        *,
+        name: str | None = None,
+        namespace: str = "",
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        restart: RestartPolicy = "on-failure",
+        max_restarts: int = 5,
+        start_timeout: float = 10.0,
+    ) -> PluginHandle:
+        """Start a plugin process and load it (see :meth:`goplug.PluginRegistry.launch`)."""
+        start = functools.partial(
+            self.sync.launch,
+            command,
+            name=name,
+            namespace=namespace,
+            env=env,
+            cwd=cwd,
+            restart=restart,
+            max_restarts=max_restarts,
+            start_timeout=start_timeout,
+        )
+        return self._wrap(await asyncio.to_thread(start))
 
     def get_plugin(self, name: str, namespace: str = "") -> PluginHandle | None:
         """Return the handle of a loaded plugin, or None."""
