@@ -159,9 +159,12 @@ def test_ls_shows_live_plugin_with_methods(plugin_dir: Path, tiny: Path) -> None
     result = goplug("ls", str(plugin_dir))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.decode().splitlines()
-    assert lines[0].split() == ["NAMESPACE", "NAME", "STATE", "METHODS", "SOCKET"]
+    assert lines[0].split() == [
+        "NAMESPACE", "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "METHODS", "SOCKET"
+    ]  # fmt: skip
     row = next(line for line in lines if "Tiny" in line).split()
-    assert row == ["T", "Tiny", "live", "Echo,Upper,Boom", str(plugin_dir / "Tiny@T.sock")]
+    assert row[:3] == ["T", "Tiny", "live"] and row[3].isdigit()
+    assert row[4:] == ["-", "-", "Echo,Upper,Boom", str(plugin_dir / "Tiny@T.sock")]
     # Looking is harmless: no /Stop was sent, and the plugin still answers.
     assert "STOP RECEIVED" not in tiny.read_text()
     assert goplug("call", str(plugin_dir), "Tiny@T", "Echo", "still here").stdout == b"still here"

@@ -2,15 +2,17 @@
 
 Subcommands (``goplug SUBCOMMAND --help`` shows each one's options and examples):
 
-- ``ls [DIR]``: every announced plugin, whether it answers, its methods and socket.
+- ``ls [DIR]``: every announced plugin, whether it answers, its pid, uptime, methods and socket.
 - ``call DIR NAME[@NAMESPACE] METHOD [DATA | -]``: call a method, write its raw output.
 - ``ping DIR NAME[@NAMESPACE]``: measure the round-trip time.
 - ``watch DIR``: a live view of plugins coming and going.
 - ``serve FILE.py | MODULE[:ATTR]``: serve the :class:`~goplug.Plugin` objects a file defines.
+- ``run DIR -- COMMAND [ARGS...]``: launch a plugin and keep it running (restarts, its output).
 - ``demo``: a tour with a Python and a Node.js plugin, each in its own process.
 
 Looking and calling never unload a plugin (unloading sends ``/Stop``): the command disconnects
-with :meth:`PluginRegistry.close`, so plugins keep running. Errors are one line on stderr,
+with :meth:`PluginRegistry.close`, so plugins keep running. Only ``run`` stops a plugin: the one
+it launched, when it is told to end. Errors are one line on stderr,
 ``goplug: error: ...``; the exit status is 2 for a usage error and 1 for any other failure.
 """
 
@@ -23,9 +25,12 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import signal
+import stat
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,13 +44,15 @@ from goplug.errors import (
     GoPlugError,
     MethodNotFound,
     PluginConnectionError,
+    PluginStartError,
     RemoteError,
 )
+from goplug.launcher import LaunchSettings, PluginProcess
 from goplug.plugin import Plugin, serve
 from goplug.registry import PluginEvent, PluginHandle, PluginRegistry, RegistrySettings
 from goplug.transport import UnixTransport, check_owner
 from goplug.wire import routes
-from goplug.wire.pconf import MAX_PCONF_BYTES, PluginConf, parse_pconf
+from goplug.wire.pconf import MAX_PCONF_BYTES, PluginConf, file_stem, parse_pconf
 
 __all__ = ["CommandError", "main"]
 
@@ -88,6 +95,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
     return value
 
 
@@ -160,6 +177,9 @@ class _Entry:
     sock: str = ""
     pid: int | None = None
     lazy: bool = False
+    launched: bool = False
+    uptime: float | None = None
+    restarts: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -183,6 +203,10 @@ def _inspect(path: str, timeout: float, activate_lazy: bool) -> _Entry:
         return entry
     entry.name, entry.namespace, entry.sock = conf.name, conf.namespace, conf.sock
     entry.pid, entry.lazy = conf.pid, conf.lazy_load
+    record = _launch_record(os.path.dirname(path), conf)
+    if record is not None:
+        entry.launched = True
+        entry.uptime, entry.restarts = max(0.0, time.time() - record.started), record.restarts
     if not os.path.lexists(conf.sock):
         entry.state = "stale"
         entry.extra["reason"] = "the socket file is missing"
@@ -194,6 +218,86 @@ def _inspect(path: str, timeout: float, activate_lazy: bool) -> _Entry:
         return entry
     entry.state, entry.methods = _probe(conf, timeout, activate=activate_lazy or not conf.lazy_load)
     return entry
+
+
+@dataclass(frozen=True)
+class _LaunchRecord:
+    """What ``DIR/.<stem>.launch`` says about a plugin a registry launched."""
+
+    pid: int | None
+    started: float
+    restarts: int
+
+
+_MAX_LAUNCH_RECORD = 64 * 1024
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def _launch_record(directory: str, conf: PluginConf) -> _LaunchRecord | None:
+    """Return the live launch record of the plugin ``conf`` announces, or None.
+
+    A registry that launched a plugin keeps ``.<stem>.launch`` while the plugin runs. The record
+    counts only while that registry lives and names this very process: its ``Pid`` equals the
+    announced pid (or the plugin announced none).
+    """
+    path = os.path.join(directory, "." + file_stem(conf.name, conf.namespace) + ".launch")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            return None
+        data = os.read(fd, _MAX_LAUNCH_RECORD)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    registry, pid = record.get("Registry"), record.get("Pid")
+    started, restarts = record.get("Started"), record.get("Restarts")
+    if (
+        record.get("Name") != conf.name
+        or record.get("NameSpace", "") != conf.namespace
+        or not isinstance(registry, int)
+        or not isinstance(restarts, int)
+        or not isinstance(started, int | float)
+        or not (pid is None or isinstance(pid, int))
+        or any(isinstance(v, bool) for v in (registry, restarts, started, pid))
+    ):
+        return None
+    if registry <= 0 or not _pid_alive(registry):
+        return None  # the registry is gone (killed): the record is left over
+    if conf.pid is not None and pid != conf.pid:
+        return None  # another process announces the plugin now
+    return _LaunchRecord(pid, float(started), restarts)
+
+
+def _format_uptime(seconds: float) -> str:
+    """``5s``, ``3m12s``, ``2h05m``, ``3d04h``."""
+    total = int(seconds)
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    if total < 86400:
+        return f"{total // 3600}h{total % 3600 // 60:02d}m"
+    return f"{total // 86400}d{total % 86400 // 3600:02d}h"
 
 
 def _probe(conf: PluginConf, timeout: float, activate: bool) -> tuple[str, list[str] | None]:
@@ -250,6 +354,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 "methods": e.methods,
                 "sock": e.sock,
                 "pid": e.pid,
+                "launched": e.launched,
+                "uptime": None if e.uptime is None else round(e.uptime, 3),
+                "restarts": e.restarts,
                 "lazy_load": e.lazy,
                 **e.extra,
             }
@@ -261,7 +368,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no plugin announce files (*{args.ext}) in {directory}", file=sys.stderr)
         return 0
-    rows = [["NAMESPACE", "NAME", "STATE", "METHODS", "SOCKET"]]
+    rows = [["NAMESPACE", "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "METHODS", "SOCKET"]]
     for e in entries:
         if e.methods is not None:
             methods = ",".join(e.methods) or "(none)"
@@ -270,7 +377,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         else:
             methods = "-"
         name = e.name or f"({e.file})"
-        rows.append([e.namespace or "-", name, e.state, methods, e.sock or "-"])
+        pid = "-" if e.pid is None else str(e.pid)
+        uptime = "-" if e.uptime is None else _format_uptime(e.uptime)
+        restarts = "-" if e.restarts is None else str(e.restarts)
+        row = [e.namespace or "-", name, e.state, pid, uptime, restarts, methods, e.sock or "-"]
+        rows.append(row)
     _format_table(rows, sys.stdout)
     return 0
 
@@ -545,6 +656,165 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- goplug run -----------------------------------------------------------------------------------
+
+_MODULE_ATTR = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def _run_target(argv: list[str]) -> list[str] | str:
+    """A lone ``FILE.py`` or ``MODULE:ATTR`` is served by ``goplug serve``; else run ``argv``."""
+    if len(argv) == 1 and (argv[0].endswith(".py") or _MODULE_ATTR.fullmatch(argv[0])):
+        return argv[0]
+    return list(argv)
+
+
+class _RunPrinter:
+    """Prints the events of the launched plugin, one line each, and notes a "failed" one."""
+
+    def __init__(self, out: TextIO, wake: threading.Event) -> None:
+        self._out = out
+        self._wake = wake
+        self._lock = threading.Lock()
+        self.failed = threading.Event()
+        self.failure = ""
+
+    def line(self, kind: str, label: str, proc: PluginProcess, detail: str = "") -> None:
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        text = f"{stamp}  {kind:<10}  {label}  pid={proc.pid or '-'} restarts={proc.restarts}"
+        if detail:
+            text += f"  {detail}"
+        with self._lock:
+            print(text, file=self._out, flush=True)
+
+    def on_event(self, event: PluginEvent) -> None:
+        handle = event.handle
+        proc = handle.process
+        if proc is None:
+            return  # another plugin announced in the directory (goplug watch shows those)
+        detail = event.reason
+        if event.kind == "loaded":
+            detail = "methods=" + (",".join(handle.methods) or "(none)")
+        self.line(event.kind, handle.label, proc, detail)
+        if event.kind == "failed":
+            self.failure = event.reason
+            self.failed.set()
+            self._wake.set()
+
+
+def _launch(
+    registry: PluginRegistry, args: argparse.Namespace, wake: threading.Event
+) -> tuple[threading.Thread, list[PluginHandle], list[BaseException]]:
+    """Launch the command on a thread of its own (a signal must not wait for its start)."""
+    handles: list[PluginHandle] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            handles.append(
+                registry.launch(
+                    _run_target(args.command),
+                    name=args.name,
+                    namespace=args.namespace,
+                    restart=args.restart,
+                    max_restarts=args.max_restarts,
+                    start_timeout=args.start_timeout,
+                )
+            )
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            wake.set()
+
+    thread = threading.Thread(target=run, name="goplug-run-launch", daemon=True)
+    thread.start()
+    return thread, handles, errors
+
+
+def _supervise(
+    proc: PluginProcess,
+    label: str,
+    printer: _RunPrinter,
+    wake: threading.Event,
+    signalled: list[int],
+) -> int:
+    """Wait until a signal (0) or until the plugin ended for good (its status, or raise)."""
+    while not signalled:
+        if printer.failed.is_set():
+            raise CommandError(f"{label} failed: {printer.failure}")
+        state = proc.state
+        if state == "failed":
+            # The "failed" event follows the state change (none comes if no restart could
+            # even be started): give it a moment to be printed.
+            printer.failed.wait(2.0)
+            raise CommandError(f"{label} failed: {printer.failure or proc.reason}")
+        if state == "stopped":  # the restart policy says no more (no event tells of it)
+            detail = f"{proc.reason}; restart policy {proc.restart_policy}: not restarted"
+            printer.line("stopped", label, proc, detail)
+            if proc.exit_code == 0:
+                return 0
+            raise CommandError(f"{label}: {detail}")
+        # Polled: the end of a plugin that is not restarted is told by no event.
+        wake.wait(0.1)
+        wake.clear()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``goplug run``: launch a plugin, print its events and output until a signal or its end."""
+    directory = os.path.abspath(args.dir)
+    if args.namespace and args.name is None:
+        raise CommandError("--namespace needs --name", 2)
+    _configure_logging(
+        logging.INFO if args.verbose else logging.WARNING,
+        "%(asctime)s.%(msecs)03d %(name)s: %(message)s",
+    )
+    # Everything the plugin writes: stdout lines at INFO, stderr lines at WARNING.
+    logging.getLogger("goplug.plugin").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    wake = threading.Event()
+    signalled: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        signalled.append(signum)
+        wake.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    printer = _RunPrinter(sys.stdout, wake)
+    settings = RegistrySettings(launch=LaunchSettings(stop_grace=args.stop_grace))
+    thread: threading.Thread | None = None
+    try:
+        try:
+            registry = PluginRegistry(directory, auto_discover=True, settings=settings)
+        except OSError as exc:
+            raise CommandError(f"cannot use {args.dir}: {exc.strerror or exc}") from None
+        try:
+            registry.add_listener(printer.on_event)
+            thread, handles, errors = _launch(registry, args, wake)
+            while not (handles or errors or signalled):
+                wake.wait(0.5)
+                wake.clear()
+            if signalled:
+                return 0  # closing the registry below ends a start in progress
+            thread.join()
+            if errors:
+                if isinstance(errors[0], PluginStartError):
+                    raise CommandError(str(errors[0])) from None
+                raise errors[0]
+            handle = handles[0]
+            proc = handle.process
+            assert proc is not None
+            return _supervise(proc, handle.label, printer, wake, signalled)
+        finally:
+            registry.close()  # stops the plugin: SIGTERM, then SIGKILL after --stop-grace
+            if thread is not None:
+                thread.join(args.stop_grace + 5.0)  # a start the close interrupted cleans up
+            if signalled:
+                name = signal.Signals(signalled[0]).name
+                print(f"{PROG}: {name} received: plugin stopped", file=sys.stderr, flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 # -- goplug demo -----------------------------------------------------------------------------------
 
 
@@ -558,10 +828,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- the parser ------------------------------------------------------------------------------------
 
 _DESCRIPTION = """\
-Look at, call, watch and serve goplug plugins. A plugin is a process that serves
-HTTP/1.1 on a Unix socket and announces itself with a .pconf file in a plugin
-directory. Nothing here unloads a plugin: the command disconnects and the plugin
-keeps running.
+Look at, call, watch, serve and run goplug plugins. A plugin is a process that
+serves HTTP/1.1 on a Unix socket and announces itself with a .pconf file in a
+plugin directory. Only run stops a plugin (the one it launched); everything else
+disconnects and the plugin keeps running.
 """
 
 _EPILOG = """\
@@ -572,6 +842,8 @@ examples:
   goplug ping ./plugins Do@Test --count 5
   goplug watch ./plugins
   GOPLUG_DIR=./plugins goplug serve examples/python/do_plugin.py
+  goplug run ./plugins -- examples/python/do_plugin.py
+  goplug run ./plugins --name Worker -- ./worker --verbose
   goplug demo
 
 exit status: 0 on success, 1 on a failure, 2 on a usage error.
@@ -613,10 +885,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "ls",
         "list the plugins announced in a directory",
-        "List every plugin announced in DIR: its namespace, name, state, methods and socket.\n"
-        "STATE is 'live' (it answered), 'stale' (its file is there but nobody listens) or\n"
-        "'broken: <reason>' (the .pconf file is refused). Methods are read with /Activate;\n"
-        "the plugin is never sent /Stop. Lazy plugins are only probed unless --activate-lazy.",
+        "List every plugin announced in DIR: its namespace, name, state, pid, methods and\n"
+        "socket. STATE is 'live' (it answered), 'stale' (its file is there but nobody listens)\n"
+        "or 'broken: <reason>' (the .pconf file is refused). UPTIME and RESTARTS are shown for\n"
+        "plugins a running registry launched (goplug run, PluginRegistry.launch). Methods are\n"
+        "read with /Activate; the plugin is never sent /Stop. Lazy plugins are only probed\n"
+        "unless --activate-lazy.",
         "examples:\n  goplug ls\n  goplug ls ./plugins --json",
     )
     p.add_argument("dir", nargs="?", default=".", metavar="DIR", help="plugin directory (.)")
@@ -690,6 +964,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = add(
+        "run",
+        "launch a plugin and keep it running",
+        "Launch COMMAND as a plugin announcing itself in DIR (it gets GOPLUG_DIR and\n"
+        "GOPLUG_LAUNCH_TOKEN), wait until it is loaded and supervise it in the foreground:\n"
+        "restart it when it ends (--restart), print every event of it (loaded, lost, failed,\n"
+        "with its pid and restart count) on stdout and every line it writes on stderr, with\n"
+        "a timestamp and its logger name (goplug.plugin.[NAMESPACE.]NAME). A lone FILE.py or\n"
+        "MODULE:ATTR is served with goplug serve. SIGINT or SIGTERM stops the plugin (SIGTERM,\n"
+        "SIGKILL after --stop-grace) and exits 0. Exit status 1 when it cannot start, when\n"
+        "it is given up (failed) or when it ends unsuccessfully and is not restarted; a\n"
+        "successful end that is not restarted exits 0.",
+        "examples:\n"
+        "  goplug run ./plugins -- examples/python/do_plugin.py\n"
+        "  goplug run ./plugins -- myapp.plugins:translator\n"
+        "  goplug run ./plugins --name Worker --namespace Jobs -- ./worker --threads 4\n"
+        "  goplug run ./plugins --restart always --max-restarts 10 -- node plugin.js",
+    )
+    p.usage = (
+        "%(prog)s [-h] [-v] [--name NAME] [--namespace NS] [--restart POLICY]\n"
+        "       [--max-restarts N] [--start-timeout S] [--stop-grace S] DIR -- COMMAND [ARGS...]"
+    )
+    p.add_argument("dir", metavar="DIR", help="plugin directory (created if missing)")
+    p.add_argument("--name", help="the name the plugin must announce (default: any)")
+    p.add_argument(
+        "--namespace",
+        default="",
+        metavar="NS",
+        help="the namespace it must announce (with --name)",
+    )
+    p.add_argument(
+        "--restart",
+        choices=["never", "on-failure", "always"],
+        default="on-failure",
+        metavar="POLICY",
+        help="when to restart it after it ends: never, on-failure (default) or always",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=_non_negative_int,
+        default=5,
+        metavar="N",
+        help="restarts allowed within 60 s before it is given up (5)",
+    )
+    p.add_argument(
+        "--start-timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="seconds a start may take, until the plugin is loaded (10)",
+    )
+    p.add_argument(
+        "--stop-grace",
+        type=_positive_float,
+        default=LaunchSettings.stop_grace,
+        metavar="S",
+        help="seconds between SIGTERM and SIGKILL when stopping it (3)",
+    )
+    p.add_argument(
+        "command",
+        nargs="+",
+        metavar="COMMAND [ARGS...]",
+        help="after --: the command and its arguments, or one FILE.py or MODULE:ATTR",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = add(
         "demo",
         "run the guided tour",
         "Start the example plugins (Python, and Node.js if node is installed) as separate\n"
@@ -710,7 +1050,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    if args.command != "serve":
+    if args.command not in ("serve", "run"):
         _configure_logging(logging.INFO if args.verbose else logging.ERROR)
         if args.command == "watch" and not args.verbose:
             # Show why a plugin is skipped or cannot be loaded, next to the events.
