@@ -447,6 +447,40 @@ def test_a_hung_plugin_fails_its_pings_and_is_restarted(plugin_dir: Path) -> Non
     assert zombies() == []
 
 
+def test_pings_of_plugins_not_launched_are_a_setting(plugin_dir: Path, spawn: Spawner) -> None:
+    # Off by default: a hung plugin someone else started stays loaded (hung is not dead)...
+    plugin = spawn(plugin_dir, "Other", "T")
+    with PluginRegistry(plugin_dir, settings=RegistrySettings(health_interval=0.05)) as quiet:
+        wait_for(lambda: quiet.is_loaded("Other", "T"))
+        plugin.signal(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:  # a second of health checks: nothing happens
+                assert quiet.is_loaded("Other", "T")
+                time.sleep(0.05)
+        finally:
+            plugin.signal(signal.SIGCONT)
+    # ...and with ping_interval set, one that fails its pings is marked lost (not killed).
+    settings = RegistrySettings(
+        client=ClientSettings(ping_timeout=0.2),
+        health_interval=0.05,
+        ping_interval=0.1,
+        launch=LaunchSettings(ping_failures=2),
+    )
+    with PluginRegistry(plugin_dir, settings=settings) as watched:
+        events = Events()
+        watched.add_listener(events)
+        wait_for(lambda: watched.is_loaded("Other", "T"))
+        plugin.signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: events.count("lost") == 1)
+            lost = next(e for e in events.items if e.kind == "lost")
+            assert "2 pings" in lost.reason
+        finally:
+            plugin.signal(signal.SIGCONT)
+        assert plugin.proc.poll() is None  # not ours: never signalled
+
+
 def test_a_plugin_ignoring_sigterm_is_killed_after_the_grace_period(
     plugin_dir: Path, tmp_path: Path
 ) -> None:
