@@ -530,6 +530,17 @@ def test_unload_then_launch_again(registry: PluginRegistry) -> None:
         launch_test_plugin(registry)
 
 
+def test_after_a_launch_ends_anyone_may_serve_the_identity_again(
+    registry: PluginRegistry, spawn: Spawner, plugin_dir: Path
+) -> None:
+    handle = launch_test_plugin(registry)
+    registry.unload_plugin(handle)
+    spawn(plugin_dir, "Do", "T")  # started by hand this time: not refused as an impostor
+    wait_for(lambda: registry.is_loaded("Do", "T"))
+    assert registry.get_plugin("Do", "T") is handle and handle.process is None
+    assert handle.execute("Echo", b"mine") == b"mine"
+
+
 # -- output ------------------------------------------------------------------------------------
 
 

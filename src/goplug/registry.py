@@ -656,8 +656,16 @@ class PluginRegistry:
                 )
             previous, handle.conf = handle.conf, conf
             state = handle.state
-            if proc is not None:
-                handle.process = proc
+            if (
+                proc is not None
+                or handle.process is None
+                or handle.process.state
+                in (
+                    "stopped",
+                    "failed",
+                )
+            ):
+                handle.process = proc  # launched by us, or not (any more)
             # A launched plugin is loaded whatever its LazyLoad says: launching asked for it.
             auto_load = proc is not None or (not conf.lazy_load and self.auto_discover)
         if old_identity is not None and old_identity != conf.identity:
@@ -919,7 +927,9 @@ class PluginRegistry:
     ) -> None:
         """A launched plugin without the token must be served by the launched process tree."""
         proc = handle.process
-        if proc is None or (conf.launch and conf.launch == proc.token):
+        if proc is None or proc.state in ("stopped", "failed"):
+            return
+        if conf.launch and conf.launch == proc.token:
             return
         pid = client.peer_pid()
         if not proc.owns(pid):
@@ -982,15 +992,19 @@ class PluginRegistry:
 
     def _restart(self, proc: PluginProcess) -> None:
         """On the launcher thread: start the next process, then wait for it elsewhere."""
-        with self._lock:
+        with self._lock:  # close() either sees the new process, or this sees close()
             launcher = self._launcher
             if self._closed or launcher is None or proc.state != "restarting":
                 return
-        proc.restarts += 1
-        try:
-            child = self._spawn(launcher, proc)
-        except PluginStartError as exc:
-            self._give_up(proc, f"restart {proc.restarts} failed: {exc}")
+            proc.restarts += 1
+            try:
+                child = self._spawn(launcher, proc)
+            except PluginStartError as exc:
+                failure: PluginStartError | None = exc
+            else:
+                failure = None
+        if failure is not None:
+            self._give_up(proc, f"restart {proc.restarts} failed: {failure}")
             return
 
         def wait() -> None:
