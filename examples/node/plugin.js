@@ -1,12 +1,15 @@
 'use strict';
-// An example goplug plugin in Node.js (standard library only).
+// An example goplug plugin in Node.js, built on the goplug package in sdk/js (which uses Node's
+// standard library only: no npm install needed to run this file from the repository).
 //
 //   node examples/node/plugin.js DIR [--name Echo] [--namespace Node] [--engine net|http]
 //
-// Prints one line, "ready <path of the .pconf>", once it listens and has announced itself; logs
-// errors to stderr; stops cleanly (removing its .pconf and socket) on SIGINT or SIGTERM.
+// DIR defaults to $GOPLUG_DIR (set by a registry that launches the plugin). Prints one line,
+// "ready <path of the .pconf>", once it listens and has announced itself; logs errors to
+// stderr; stops cleanly (removing its .pconf and socket) on SIGINT or SIGTERM.
 
-const { Plugin } = require('./goplug');
+// In a project of your own: `npm install path/to/sdk/js`, then require('goplug').
+const { Plugin } = require('../../sdk/js');
 
 function usage(message) {
   process.stderr.write(`${message}; usage: node plugin.js [DIR] [--name NAME] [--namespace NAMESPACE] [--engine net|http]\n`);

@@ -5,7 +5,7 @@
 // `.pconf` file in the plugin directory. It implements the goplug/1 extensions: reliable
 // subscriptions (numbered, acknowledged batches with back-pressure) and JSON error bodies.
 //
-//   const { Plugin } = require('./goplug');
+//   const { Plugin } = require('goplug'); // npm install path/to/sdk/js
 //   const plugin = new Plugin({ location: '/tmp/plugins', name: 'Echo', namespace: 'Node' });
 //   plugin.registerMethod('Echo', (input) => input);
 //   plugin.stopOnSignals();
@@ -24,7 +24,7 @@ const os = require('os');
 const path = require('path');
 
 const PROTOCOL_VERSION = 'goplug/1';
-const VERSION = '0.1.0';
+const VERSION = require('./package.json').version;
 const RESERVED = new Set(['Activate', 'Ping', 'RegisterCallback', 'Unsubscribe', 'Stop']);
 const SUBSCRIBER_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const ACK_RE = /^[0-9]{1,15}$/;
@@ -32,6 +32,7 @@ const CONTROL_RE = /[\x00-\x1f\x7f]/;
 // sun_path holds 108 bytes on Linux (104 on macOS and the BSDs), the final NUL included.
 const MAX_SOCK_PATH = process.platform === 'linux' ? 107 : 103;
 const EMPTY = Buffer.alloc(0);
+const MAX_ENDED = 4096; // unsubscribed (token, name) pairs remembered (PROTOCOL.md §5)
 
 const DEFAULTS = {
   engine: 'net', // 'net' (lean HTTP/1.1 on net.Server) or 'http' (http.createServer)
@@ -230,6 +231,7 @@ class SubscriptionTable {
     this.maxBatchBytes = Math.min(opts.maxBatchBytes, opts.maxBody);
     this.byName = new Map(); // name -> Map(key -> Subscriber)
     this.polls = new Set(); // every unanswered poll, superseded legacy ones included
+    this.ended = new Set(); // keys of (token, name) that unsubscribed, oldest first
     this.stopped = false;
     const every = Math.max(20, Math.min(1000, Math.floor(this.expiry / 4)));
     this.sweeper = setInterval(() => this.sweep(), every);
@@ -380,6 +382,12 @@ class SubscriptionTable {
 
   // POST /RegisterCallback
   poll(reply, name, token, ack) {
+    if (token !== null && this.ended.has(SubscriptionTable.key(token) + '\n' + name)) {
+      // A poll sent before its subscriber's /Unsubscribe (on another connection) and read
+      // after it: no answer, its connection closes, the subscriber stays gone.
+      reply.abort();
+      return;
+    }
     const sub = this.get(name, token, true);
     reply.poll = true;
     if (token !== null) {
@@ -411,6 +419,12 @@ class SubscriptionTable {
   unsubscribe(name, token) {
     const sub = this.get(name, token, false);
     if (sub) this.forget(sub);
+    if (token !== null) {
+      const key = SubscriptionTable.key(token) + '\n' + name;
+      this.ended.delete(key);
+      this.ended.add(key);
+      if (this.ended.size > MAX_ENDED) this.ended.delete(this.ended.values().next().value);
+    }
   }
 
   stop() {
@@ -1053,6 +1067,16 @@ class Plugin {
     return this._subs ? this._subs.names() : [];
   }
 
+  // True between start() (once announced) and stop().
+  get running() {
+    return this._pconfWritten && !this._stopping;
+  }
+
+  // "name@namespace" (or "name"), for messages.
+  get label() {
+    return this.namespace ? `${this.name}@${this.namespace}` : this.name;
+  }
+
   // Queue data for every subscriber of the callback `name`. Resolves with the number of
   // subscribers; rejects with code CALLBACK_NOT_FOUND when there is none, NOTIFY_TIMEOUT when a
   // subscriber's queue stays full for the notify timeout. The data must not be changed after.
@@ -1579,6 +1603,7 @@ module.exports = {
   NotifyTimeout,
   PluginStopped,
   PROTOCOL_VERSION,
+  VERSION,
   RESERVED,
   routeOf,
 };
