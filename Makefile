@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/goplug demo
 
 test: $(STAMP) lint
+	-@tools/ensure-go >/dev/null
 	$(PY) -m pytest -q -n 2 tests
 
 lint: $(STAMP)

@@ -1,0 +1,3 @@
+module github.com/goplug/goplug-go
+
+go 1.19
