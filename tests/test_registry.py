@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -360,3 +361,17 @@ def test_plugin_is_running_when_a_registry_activates_it_during_start(
         with plugin:
             assert seen == [True]
             assert registry.is_loaded("Early")
+
+
+def test_sigterm_caught_by_a_server_thread_still_stops_the_plugin(
+    plugin_dir: Path, spawn: Spawner
+) -> None:
+    proc = spawn(plugin_dir, "Term")
+    with PluginRegistry(plugin_dir) as registry:
+        wait_for(lambda: registry.is_loaded("Term"))
+        handle = registry.get_plugin("Term")
+        assert handle is not None
+        with contextlib.suppress(goplug.GoPlugError):  # it may stop before answering
+            handle.execute("TermFromThread")
+        assert proc.proc.wait(10) == 0
+    assert not list(plugin_dir.iterdir())

@@ -273,14 +273,29 @@ def serve(*plugins: Plugin) -> None:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, on_signal) for sig in wanted}
+    # The kernel may hand the signal to any of the server's threads; Python then runs the
+    # handler on the main thread only once that thread wakes up, and a wait on a lock does
+    # not. The wakeup fd gets the signal's number from whichever thread caught it.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    previous_fd = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     try:
         for plugin in plugins:
             if not plugin.running:
                 plugin.start()
-        while not stop.wait(3600):
-            pass
+        while not stop.is_set():
+            try:
+                caught = os.read(wake_r, 64)
+            except InterruptedError:
+                continue
+            if any(n in wanted for n in caught):
+                stop.set()
     finally:
+        signal.set_wakeup_fd(previous_fd)
+        os.close(wake_r)
+        os.close(wake_w)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         for plugin in plugins:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import signal
 import sys
 import threading
 import time
@@ -51,6 +52,12 @@ def build(location: str, name: str, namespace: str = "", lazy: bool = False) -> 
     @plugin.method
     def Exit(data: bytes) -> bytes:
         os._exit(3)
+
+    @plugin.method
+    def TermFromThread(data: bytes) -> bytes:
+        # SIGTERM caught by this server thread, not by the main one (as the kernel may choose).
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        return b"sent"
 
     @plugin.method
     def Segfault(data: bytes) -> bytes:
