@@ -9,6 +9,8 @@ Subcommands (``goplug SUBCOMMAND --help`` shows each one's options and examples)
 - ``serve FILE.py | MODULE[:ATTR]``: serve the :class:`~goplug.Plugin` objects a file defines.
 - ``run DIR -- COMMAND [ARGS...]``: launch a plugin and keep it running (restarts, its output).
 - ``demo``: a tour with a Python and a Node.js plugin, each in its own process.
+- ``conformance -- COMMAND [ARGS...]`` or ``conformance DIR NAME[@NAMESPACE]``: check a plugin
+  program against the wire protocol (see docs/CONFORMANCE.md).
 
 Looking and calling never unload a plugin (unloading sends ``/Stop``): the command disconnects
 with :meth:`PluginRegistry.close`, so plugins keep running. Only ``run`` stops a plugin: the one
@@ -815,6 +817,51 @@ def cmd_run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
 
 
+# -- goplug conformance ---------------------------------------------------------------------------
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    """``goplug conformance``: run the conformance suite against a plugin, print the results."""
+    from goplug import conformance
+
+    targets: list[str] = list(args.target)
+    if not targets:
+        raise CommandError("expected DIR NAME[@NAMESPACE], or -- COMMAND [ARGS...]", 2)
+    command: list[str] | None = targets
+    directory: str | None = None
+    name: str | None = None
+    namespace = ""
+    if os.path.isdir(targets[0]):  # a directory is no command: attach to a running plugin
+        if len(targets) != 2:
+            raise CommandError("to attach, give DIR NAME[@NAMESPACE]", 2)
+        command, directory = None, targets[0]
+        name, namespace = _split_identity(targets[1])
+    try:
+        report = conformance.run(
+            command,
+            directory=directory,
+            name=name,
+            namespace=namespace,
+            echo=args.echo,
+            notify=args.notify,
+            fail=args.fail,
+            sleep=args.sleep,
+            sleep_unit=args.sleep_unit,
+            rules=args.rule or None,
+            rule_timeout=args.timeout,
+            start_timeout=args.start_timeout,
+        )
+    except ConfigError as exc:
+        raise CommandError(str(exc), 2) from None
+    if args.json:
+        print(report.to_json())
+    else:
+        how = "launched by the suite" if report.launched else "attached"
+        print(f"conformance of {report.plugin} ({how}), checked at level {args.level}\n")
+        print(report.format_table())
+    return 0 if report.passed(args.level) else 1
+
+
 # -- goplug demo -----------------------------------------------------------------------------------
 
 
@@ -844,6 +891,7 @@ examples:
   GOPLUG_DIR=./plugins goplug serve examples/python/do_plugin.py
   goplug run ./plugins -- examples/python/do_plugin.py
   goplug run ./plugins --name Worker -- ./worker --verbose
+  goplug conformance -- node examples/node/plugin.js
   goplug demo
 
 exit status: 0 on success, 1 on a failure, 2 on a usage error.
@@ -1028,6 +1076,74 @@ def build_parser() -> argparse.ArgumentParser:
         help="after --: the command and its arguments, or one FILE.py or MODULE:ATTR",
     )
     p.set_defaults(func=cmd_run)
+
+    p = add(
+        "conformance",
+        "check a plugin against the wire protocol",
+        "Run the conformance suite (docs/CONFORMANCE.md) against a plugin and print one line\n"
+        "per rule: its id, level, result (pass, fail or skip), time and reason.\n"
+        "With -- COMMAND [ARGS...] the plugin is launched with GOPLUG_DIR set to a private\n"
+        "temporary directory and a GOPLUG_LAUNCH_TOKEN ({dir} in an argument is replaced by\n"
+        "that directory), and stopped at the end. With DIR NAME[@NAMESPACE] the suite attaches\n"
+        "to a plugin already running (rules that need to launch it are skipped). Rules that\n"
+        "need a method of the plugin use --echo, --notify, --fail and --sleep, or the usual\n"
+        "names in its /Activate list; without one they are skipped. Skips never fail a level.\n"
+        "Exit status 0 when no rule of --level or below fails, 1 otherwise, 2 on a usage error.",
+        "examples:\n"
+        "  goplug conformance -- node examples/node/plugin.js\n"
+        "  goplug conformance --level goplug-0.1 --echo main.Echo --notify main.Notify \\\n"
+        "      -- ./my-go-plugin {dir}\n"
+        "  goplug conformance --sleep Sleep --sleep-unit ms -- ./c_plugin\n"
+        "  goplug conformance ./plugins Do@Test --json",
+    )
+    p.usage = (
+        "%(prog)s [-h] [-v] [--level LEVEL] [--json] [--echo M] [--notify M] [--fail M]\n"
+        "       [--sleep M] [--sleep-unit s|ms] [--rule ID] [--timeout S] [--start-timeout S]\n"
+        "       (-- COMMAND [ARGS...] | DIR NAME[@NAMESPACE])"
+    )
+    p.add_argument(
+        "--level",
+        choices=["goplug-0.1", "goplug"],
+        default="goplug",
+        help="fail (exit 1) if a rule of this level or below fails (goplug)",
+    )
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--echo", metavar="M", help="a method returning its input (Echo, main.Echo)")
+    p.add_argument(
+        "--notify",
+        metavar="M",
+        help="a method whose body NAME\\nDATA notifies NAME with DATA (Notify, main.Notify)",
+    )
+    p.add_argument("--fail", metavar="M", help="a method that fails (Fail, main.Fail, main.Panic)")
+    p.add_argument("--sleep", metavar="M", help="a method that sleeps as its body says (Sleep)")
+    p.add_argument(
+        "--sleep-unit",
+        choices=["s", "ms"],
+        default="s",
+        help="the sleep method's body is seconds (s, default) or milliseconds (ms)",
+    )
+    p.add_argument("--rule", action="append", metavar="ID", help="run only this rule (repeatable)")
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="seconds each rule may take (10; the 16 MiB echo gets 3x)",
+    )
+    p.add_argument(
+        "--start-timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="seconds a launched plugin may take to announce itself (10)",
+    )
+    p.add_argument(
+        "target",
+        nargs="*",
+        metavar="COMMAND | DIR NAME",
+        help="after --: the command and its arguments; or DIR NAME[@NAMESPACE] to attach",
+    )
+    p.set_defaults(func=cmd_conformance)
 
     p = add(
         "demo",
