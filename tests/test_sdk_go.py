@@ -162,3 +162,15 @@ def test_go_plugin_without_directory(do_binary: Path) -> None:
     )
     assert done.returncode == 2
     assert "GOPLUG_DIR" in done.stderr
+
+
+def test_go_library_passes_the_conformance_suite(go: str) -> None:
+    from goplug import conformance
+
+    with tempfile.TemporaryDirectory(prefix="gpgo-bin") as tmp:
+        binary = Path(tmp) / "echo-plugin"
+        run_go(go, "build", "-o", str(binary), "./examples/echo")
+        report = conformance.run([str(binary)])
+    failed = [(r.id, r.reason) for r in report.results if r.status == "fail"]
+    assert report.passed("goplug"), failed
+    assert sum(r.status == "pass" for r in report.results) >= 30
