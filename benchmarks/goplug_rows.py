@@ -1,6 +1,7 @@
-"""goplug rows: the same round trips as the reference rows, plus callbacks, discovery, cold start
-and scale. Plugins are ``plugins/bench_plugin.py`` started with ``sys.executable`` (or the Node.js
-example plugin for ``goplug-node``); the application side is this worker process.
+"""goplug rows: the same round trips as the reference rows, plus callbacks, discovery, cold start,
+scale and launched plugins (``registry.launch``: start-up, calls during a log flood). Plugins are
+``plugins/bench_plugin.py`` started with ``sys.executable`` (or the Node.js example plugin for
+``goplug-node``); the application side is this worker process.
 
 Every function takes a :class:`common.RowContext` and returns the row's figures. A missing
 package or tool raises :class:`common.Skip`; any other exception fails the row. Either way the
@@ -9,26 +10,31 @@ registry is closed, the plugins are stopped by pid and the temp dirs are removed
 
 from __future__ import annotations
 
+import array
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import gc
 import inspect
 import json
+import logging
 import os
 import random
 import resource
 import shutil
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from common import (
     PLUGIN_SCRIPT,
     REPO,
     Budget,
+    Measurement,
     Procs,
     RowContext,
     Skip,
@@ -591,3 +597,365 @@ def scale(ctx: RowContext) -> dict[str, Any]:
         "rss_registry_empty_kib": rss_registry - rss0,
         "notes": notes,
     }
+
+
+# =========================================================================== launched plugins
+
+FLOOD_LINE = 120  # bytes per log line the plugin writes, newline included
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _need_launch(goplug: Any) -> None:
+    if not hasattr(goplug.PluginRegistry, "launch"):
+        raise Skip("this goplug has no PluginRegistry.launch")
+
+
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (start time): tells a pid from a later one that reuses it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class _Launched:
+    """Pids (with start times) of the processes a registry launched for a row. After the
+    registry is closed, :meth:`kill_leftovers` SIGKILLs any of them (by pid) still running:
+    registry.close() should have stopped them, and a row says so in its notes if it did not."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[int, str | None]] = []
+
+    def add(self, handle: Any) -> int:
+        pid = int(handle.process.pid)
+        self.procs.append((pid, _start_time(pid)))
+        return pid
+
+    def kill_leftovers(self) -> list[str]:
+        notes = []
+        for pid, start in self.procs:
+            if start is not None and _start_time(pid) == start:
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                if state in ("Z", "X"):
+                    continue
+                notes.append(f"pid {pid} still ran after registry.close(): killed")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        return notes
+
+
+def launch_cold_start(ctx: RowContext) -> dict[str, Any]:
+    """``registry.launch([sys.executable, bench_plugin.py, DIR, NAME], name=NAME)`` -> the
+    returned (loaded) handle: p50/p99. answer_p50_us: launch() -> first answered 64 B Echo, the
+    span goplug-cold-start measures for a plugin spawned by hand. Same bytecode cache and one
+    unmeasured launch first, as the cold-start rows do; each launched plugin is unloaded (which
+    stops its process) before the next launch."""
+    goplug = _goplug()
+    _need_launch(goplug)
+    samples = 3 if ctx.quick else 15
+    payload = make_payload(64)
+    to_handle: list[int] = []
+    to_answer: list[int] = []
+    notes = [f"{samples} launches after one warm-up launch"]
+    launched = _Launched()
+    with temp_dir() as d, temp_dir("gpb-pyc-") as cache:
+        # launch() adds env to os.environ: an empty PYTHONDONTWRITEBYTECODE is "not set", so
+        # this is pyc_env(cache), the environment goplug-cold-start spawns with.
+        env = {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": cache}
+        reg = goplug.PluginRegistry(d)
+        try:
+            time.sleep(0.2)
+            for i in range(samples + 1):
+                name = f"lc{i}"
+                argv = [sys.executable, PLUGIN_SCRIPT, reg.location, name]
+                t0 = clock()
+                handle = reg.launch(argv, name=name, env=env, restart="never", start_timeout=20.0)
+                t1 = clock()
+                out = handle.execute("Echo", payload)
+                t2 = clock()
+                pid = launched.add(handle)
+                _check_echo(out, payload)
+                if i:
+                    to_handle.append(t1 - t0)
+                    to_answer.append(t2 - t0)
+                if ctx.pinned:
+                    note = affinity_note([pid], ctx.core)
+                    if note and note not in notes:
+                        notes.append(note)
+                reg.unload_plugin(handle)
+                time.sleep(0.05)
+        finally:
+            reg.close()
+            notes += launched.kill_leftovers()
+    summary = latency_summary(to_handle)
+    summary["answer_p50_us"] = latency_summary(to_answer)["p50_us"]
+    summary["notes"] = notes
+    return summary
+
+
+@contextlib.contextmanager
+def _file_logging(directory: str, logger_name: str) -> Iterator[tuple[str, int]]:
+    """What an application would configure: the root logger at INFO with a FileHandler writing
+    LOG_FORMAT records to a file (in a temp dir of its own, not the watched plugin directory).
+    Yields (file, bytes of one flood line's record in it); restores the root logger after."""
+    path = os.path.join(directory, "app.log")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    record = logging.LogRecord(logger_name, logging.INFO, "", 0, "%s", (_flood_text(),), None)
+    record_bytes = len(handler.format(record).encode()) + len(handler.terminator)
+    try:
+        yield path, record_bytes
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def _flood_text() -> str:
+    """One flood line as the plugin writes it, without its newline (see bench_plugin.py)."""
+    return ("INFO bench flood: " + "x" * FLOOD_LINE)[: FLOOD_LINE - 1]
+
+
+def _pump_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) so far of the application threads that read plugin ``pid``'s
+    stdout and stderr and log each line (goplug.process names them goplug-output-PID)."""
+    ticks = 0
+    found = False
+    for t in threading.enumerate():
+        if t.name == f"goplug-output-{pid}" and t.native_id is not None:
+            try:
+                with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])
+            found = True
+    return ticks / os.sysconf("SC_CLK_TCK") if found else None
+
+
+def _self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _log_size(path: str) -> int:
+    return os.stat(path).st_size
+
+
+def _wait_size(path: str, size: int, deadline: float) -> bool:
+    """Poll (every 2 ms) until the log file holds ``size`` bytes; False at the deadline."""
+    while _log_size(path) < size:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def _calls_until(
+    call: Callable[[], object], finished: Callable[[], bool], seconds: float
+) -> tuple[Measurement, bool]:
+    """Back-to-back timed calls until ``finished()`` (checked every 256 calls, untimed) or for
+    ``seconds`` at most: (the calls, True if time ran out first)."""
+    lat = array.array("q")
+    append = lat.append
+    deadline = time.monotonic() + seconds
+    start = end = clock()
+    for i in range(1, 3_000_001):
+        t0 = clock()
+        call()
+        end = clock()
+        append(end - t0)
+        if not i & 255:
+            if finished():
+                return Measurement(list(lat), end - start), False
+            if time.monotonic() > deadline:
+                return Measurement(list(lat), end - start), True
+    return Measurement(list(lat), end - start), not finished()
+
+
+def _pooled(parts: Sequence[Measurement]) -> dict[str, Any]:
+    """Summary of several request loops taken as one: all their calls, all their time."""
+    return Measurement(
+        [x for m in parts for x in m.latencies_ns], sum(m.elapsed_ns for m in parts)
+    ).summary(64)
+
+
+def launch_flood(ctx: RowContext) -> dict[str, Any]:
+    """64 B Echo calls on a launched plugin while it floods its stdout with log lines.
+
+    One launched bench_plugin.py; the application logs to a file (see _file_logging).
+    - direct: the application logs the flood's line itself N times in a loop: thread CPU per
+      record, what the logging costs without goplug;
+    - alone: a flood (20 MB; 3 MB --quick) and no calls: how fast the application absorbs it
+      (lines/s, MB/s), and its CPU per line: the pump threads' own CPU (reading, parsing,
+      logging.log and the handler all run on them), and the process's CPU beyond its idle rate;
+    - then R rounds (5; 2 --quick) of three request loops, the same back-to-back calls in each:
+      quiet (0.25 s; 0.1 s), applog (while a thread of the application logs the same line
+      itself, as fast as it can, 1/R of 20 MB worth; 2 MB --quick) and flood (from the Flood
+      call until its last line is in the file, 1/R of 100 MB; 25 MB for -1core; 2 MB --quick),
+      and one more quiet loop at the end. Each kind is pooled over the rounds: interleaving
+      them spreads over all three whatever the scheduler and the other load do meanwhile.
+    The row's p50/p99/calls/s are the flood's. Bounded: the floods stop after 60 s in all
+    (8 s --quick), each loop after 3 million calls; registry.close() stops the plugin whatever
+    happened.
+    """
+    goplug = _goplug()
+    _need_launch(goplug)
+    one_core = ctx.name.endswith("-1core")
+    line = FLOOD_LINE
+    if ctx.quick:
+        rounds, flood_mb, alone_mb, applog_mb, direct_n, limit_s = 2, 2, 3, 2, 3_000, 8.0
+        quiet_budget = Budget(0.1, 100_000, 0, 0.0)
+    else:
+        rounds, alone_mb, applog_mb, direct_n, limit_s = 5, 20, 20, 20_000, 60.0
+        flood_mb = 25 if one_core else 100
+        quiet_budget = Budget(0.25, 500_000, 0, 0.0)
+    flood_bytes = flood_mb * 1_000_000 // line // rounds * line  # per round
+    applog_lines = applog_mb * 1_000_000 // line // rounds  # per round
+    alone_bytes = alone_mb * 1_000_000 // line * line
+    payload = make_payload(64)
+    name = "flood"
+    notes = [
+        f"stdout log lines of {line} B; root logger INFO -> FileHandler {LOG_FORMAT!r} "
+        f"in a temp dir; {rounds} rounds of quiet, applog and flood",
+    ]
+    launched = _Launched()
+    out: dict[str, Any] = {}
+    quiet: list[Measurement] = []
+    applog: list[Measurement] = []
+    flood: list[Measurement] = []
+    with (
+        temp_dir() as d,
+        temp_dir("gpb-log-") as logdir,
+        _file_logging(logdir, f"goplug.plugin.{name}") as (logf, rec),
+    ):
+        reg = goplug.PluginRegistry(d)
+        try:
+            argv = [sys.executable, PLUGIN_SCRIPT, reg.location, name]
+            handle = reg.launch(argv, name=name, restart="never", start_timeout=20.0)
+            pid = launched.add(handle)
+            _check_echo(handle.execute("Echo", payload), payload)
+            call = functools.partial(handle.execute, "Echo", payload)
+            warm = budget_for("64B", ctx.quick)
+            warm_until = time.monotonic() + warm.warmup_seconds
+            for _ in range(warm.warmup):  # as the round-trip rows warm up
+                call()
+                if time.monotonic() > warm_until:
+                    break
+
+            # the same records logged by the application itself, in a loop
+            logger = logging.getLogger(f"goplug.plugin.{name}")
+            text = _flood_text()
+            t0 = time.thread_time()
+            for _ in range(direct_n):
+                logger.info("%s", text)
+            out["direct_log_us_per_line"] = (time.thread_time() - t0) / direct_n * 1e6
+
+            # a flood alone; the process's idle CPU rate first, with the same polling
+            c0, w0 = _self_cpu(), time.monotonic()
+            _wait_size(logf, 1 << 62, w0 + 0.3)
+            idle_rate = (_self_cpu() - c0) / (time.monotonic() - w0)
+            size0, lines = _log_size(logf), alone_bytes // line
+            c0, p0, w0 = _self_cpu(), _pump_cpu(pid), time.monotonic()
+            handle.execute("Flood", f"{alone_bytes} {line}".encode())
+            if not _wait_size(logf, size0 + lines * rec, w0 + limit_s):
+                handle.execute("FloodStop")
+                raise RuntimeError(f"{alone_mb} MB of log lines not logged in {limit_s:.0f} s")
+            wall = time.monotonic() - w0
+            c1, p1 = _self_cpu(), _pump_cpu(pid)
+            out["lines_per_s"] = lines / wall
+            out["log_mb_per_s"] = alone_bytes / 1e6 / wall
+            out["app_us_per_line"] = max(0.0, c1 - c0 - idle_rate * wall) / lines * 1e6
+            if p0 is not None and p1 is not None:
+                out["pump_us_per_line"] = (p1 - p0) / lines * 1e6
+                out["pump_cpu_s_per_mb"] = (p1 - p0) / (alone_bytes / 1e6)
+            else:
+                notes.append("no goplug-output-PID thread found: pump CPU not measured")
+
+            applog_wall = flood_wall = flood_pump = 0.0
+            absorbed = 0.0
+            flood_deadline = time.monotonic() + limit_s
+            for _ in range(rounds):
+                quiet.append(measure_threads([call], quiet_budget))
+
+                # calls while a thread of the application logs the same lines itself
+                done = threading.Event()
+
+                def log_lines(done: threading.Event = done) -> None:
+                    try:
+                        for _ in range(applog_lines):
+                            if done.is_set():
+                                break
+                            logger.info("%s", text)
+                    finally:
+                        done.set()
+
+                logging_thread = threading.Thread(target=log_lines, daemon=True)
+                w0 = time.monotonic()
+                logging_thread.start()
+                m, cut = _calls_until(call, done.is_set, limit_s)
+                if cut:
+                    notes.append(f"a loop while the application logged: cut at {limit_s:.0f} s")
+                done.set()  # ends the thread if the calls ran out of time
+                logging_thread.join(limit_s)
+                applog_wall += time.monotonic() - w0
+                applog.append(m)
+
+                # calls during a flood
+                size0, lines = _log_size(logf), flood_bytes // line
+                target = size0 + lines * rec
+                p0, w0 = _pump_cpu(pid), time.monotonic()
+                handle.execute("Flood", f"{flood_bytes} {line}".encode())
+                m, cut = _calls_until(
+                    call,
+                    lambda t=target: _log_size(logf) >= t,
+                    max(0.0, flood_deadline - time.monotonic()),
+                )
+                got = (_log_size(logf) - size0) / rec
+                flood_wall += time.monotonic() - w0
+                p1 = _pump_cpu(pid)
+                if p0 is not None and p1 is not None:
+                    flood_pump += p1 - p0
+                absorbed += got
+                flood.append(m)
+                if got < lines:
+                    handle.execute("FloodStop")
+                    notes.append(
+                        f"calls ended before the floods did: {absorbed * line / 1e6:.1f} of "
+                        f"{flood_mb} MB logged" + (f" in {limit_s:.0f} s" if cut else "")
+                    )
+                    break
+                _wait_size(logf, target, time.monotonic() + limit_s)
+            quiet.append(measure_threads([call], quiet_budget))
+            out["applog_lines_per_s"] = applog_lines * len(applog) / applog_wall
+            out["flood_log_mb"] = absorbed * line / 1e6
+            out["flood_lines_per_s"] = absorbed / flood_wall
+            out["flood_log_mb_per_s"] = absorbed * line / 1e6 / flood_wall
+            out["flood_pump_cores"] = flood_pump / flood_wall  # share of a core the pump took
+            if ctx.pinned:
+                note = affinity_note([pid], ctx.core)
+                if note:
+                    notes.append(note)
+        finally:
+            reg.close()
+            notes += launched.kill_leftovers()
+    q, a = _pooled(quiet), _pooled(applog)
+    summary = _pooled(flood)
+    summary["mb_per_s"] = None  # payload MB/s would mislead here: the log MB/s are separate
+    summary.update(
+        quiet_p50_us=q["p50_us"],
+        quiet_p99_us=q["p99_us"],
+        quiet_calls_per_s=q["calls_per_s"],
+        applog_p50_us=a["p50_us"],
+        applog_p99_us=a["p99_us"],
+        applog_calls_per_s=a["calls_per_s"],
+        **out,
+    )
+    summary["notes"] = notes
+    return summary

@@ -7,11 +7,17 @@ With COUNT (default 1) the process hosts that many Plugin instances named NAME0,
 - ``Subscribed``: b"1" once an application subscribed to the callback named by the input;
 - ``NotifyOne``: one notification on callback ``bench``: 8 bytes of ``perf_counter_ns`` (the
   same CLOCK_MONOTONIC in every process) padded to 64 bytes;
-- ``Burst``: input b"N": N such notifications, sent from a thread as fast as notify allows.
+- ``Burst``: input b"N": N such notifications, sent from a thread as fast as notify allows;
+- ``Flood``: input b"BYTES LINE": writes BYTES bytes of log lines of LINE bytes each (newline
+  included) to stdout from a thread, in blocks of about 64 KiB built once, as fast as the reader
+  of the pipe takes them (the launch rows: a launched plugin's stdout is logged by the
+  application); ``FloodState``: b"WRITTEN DONE" (DONE 1 once the thread ended);
+  ``FloodStop``: ends the flood early.
 
 Imports stay light (stdlib + goplug): this script is what the cold-start row starts.
 """
 
+import os
 import sys
 import threading
 import time
@@ -51,7 +57,49 @@ def build(directory: str, name: str) -> Plugin:
         threading.Thread(target=burst, args=(int(data),), daemon=True).start()
         return b""
 
+    flood = _Flood()
+    p.register_method(flood.start, "Flood")
+    p.register_method(flood.state, "FloodState")
+    p.register_method(flood.stop, "FloodStop")
     return p
+
+
+class _Flood:
+    """Log lines on stdout, written from a thread until BYTES are out or FloodStop."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.done = True
+        self.halt = threading.Event()
+
+    def start(self, data: bytes) -> bytes:
+        if not self.done:
+            raise RuntimeError("a flood is running")
+        total, line = (int(x) for x in data.split())
+        self.written, self.done = 0, False
+        self.halt.clear()
+        threading.Thread(target=self._write, args=(total, line), daemon=True).start()
+        return b""
+
+    def _write(self, total: int, line: int) -> None:
+        try:
+            text = (b"INFO bench flood: " + b"x" * line)[: line - 1] + b"\n"
+            block = memoryview(text * max(1, 65536 // line))
+            while self.written < total and not self.halt.is_set():
+                chunk = block[: min(len(block), total - self.written)]
+                while chunk:  # os.write may take part of it
+                    n = os.write(1, chunk)
+                    chunk = chunk[n:]
+                    self.written += n
+        finally:
+            self.done = True
+
+    def state(self, data: bytes) -> bytes:
+        return f"{self.written} {int(self.done)}".encode()
+
+    def stop(self, data: bytes) -> bytes:
+        self.halt.set()
+        return b""
 
 
 def main() -> None:
