@@ -11,6 +11,7 @@ Subcommands (``goplug SUBCOMMAND --help`` shows each one's options and examples)
 - ``demo``: a tour with a Python and a Node.js plugin, each in its own process.
 - ``conformance -- COMMAND [ARGS...]`` or ``conformance DIR NAME[@NAMESPACE]``: check a plugin
   program against the wire protocol (see docs/CONFORMANCE.md).
+- ``new NAME --lang python|js|go [DIR]``: write a ready plugin project with its tests.
 
 Looking and calling never unload a plugin (unloading sends ``/Stop``): the command disconnects
 with :meth:`PluginRegistry.close`, so plugins keep running. Only ``run`` stops a plugin: the one
@@ -862,6 +863,28 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0 if report.passed(args.level) else 1
 
 
+# -- goplug new ------------------------------------------------------------------------------------
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    """``goplug new``: write a plugin project (see :mod:`goplug.scaffold`)."""
+    from goplug.scaffold import create_project
+
+    try:
+        target = create_project(args.name, args.lang, args.namespace, args.dir or "")
+    except ConfigError as exc:
+        raise CommandError(str(exc), 2) from None
+    files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    print(f"created {target}: {', '.join(files)}")
+    first = {
+        "python": "pytest",
+        "js": "npm install && npm test",
+        "go": "go test ./...",
+    }[args.lang]
+    print(f"next: cd {target} && {first}   (see its README.md)")
+    return 0
+
+
 # -- goplug demo -----------------------------------------------------------------------------------
 
 
@@ -1078,6 +1101,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = add(
+        "new",
+        "write a ready plugin project",
+        "Write a plugin project for NAME into DIR (default ./NAME): the plugin (methods Hello,\n"
+        "Echo, Upper, Fail, Notify), a test that runs the conformance suite on it, and a README.\n"
+        "The project passes its own test as generated. JavaScript and Go projects point at the\n"
+        "libraries in this checkout's sdk/ directory.",
+        "examples:\n"
+        "  goplug new Greeter --lang python\n"
+        "  goplug new Greeter --lang js --namespace Tools ./greeter-js\n"
+        "  goplug new Greeter --lang go",
+    )
+    p.add_argument("name", metavar="NAME", help="the plugin's name (an identifier)")
+    p.add_argument("dir", metavar="DIR", nargs="?", help="where to write it (default ./NAME)")
+    p.add_argument("--lang", choices=["python", "js", "go"], required=True, help="its language")
+    p.add_argument("--namespace", default="", metavar="NS", help="its namespace (default none)")
+    p.set_defaults(func=cmd_new)
+
+    p = add(
         "conformance",
         "check a plugin against the wire protocol",
         "Run the conformance suite (docs/CONFORMANCE.md) against a plugin and print one line\n"
@@ -1148,9 +1189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "demo",
         "run the guided tour",
-        "Start the example plugins (Python, and Node.js if node is installed) as separate\n"
-        "processes in a temporary directory, then discover, call, ping, subscribe to and\n"
-        "unload them, printing each step with its timing. Runs from a source checkout.",
+        "Launch the example plugins (Python, and Node.js if node is installed) as separate\n"
+        "processes in a temporary directory, then call, ping and subscribe to them, kill one\n"
+        "and watch the registry restart it, and stop them all, printing each step with its\n"
+        "timing. Runs from a source checkout.",
         "examples:\n  goplug demo",
     )
     p.set_defaults(func=cmd_demo)
@@ -1160,7 +1202,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``goplug`` command with ``argv`` (default: the process's arguments)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse does not take a positional after an option (goplug new NAME --lang go DIR).
+        late_dir = getattr(args, "command", "") == "new" and args.dir is None
+        if late_dir and len(extra) == 1 and not extra[0].startswith("-"):
+            args.dir = extra[0]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not hasattr(args, "verbose"):
         args.verbose = False
     if getattr(args, "func", None) is None:
