@@ -450,7 +450,13 @@ def test_a_hung_plugin_fails_its_pings_and_is_restarted(plugin_dir: Path) -> Non
 def test_pings_of_plugins_not_launched_are_a_setting(plugin_dir: Path, spawn: Spawner) -> None:
     # Off by default: a hung plugin someone else started stays loaded (hung is not dead)...
     plugin = spawn(plugin_dir, "Other", "T")
-    with PluginRegistry(plugin_dir, settings=RegistrySettings(health_interval=0.05)) as quiet:
+    # Were pings on, one failed ping of 0.2 s would mark it lost well within the second below.
+    quiet_settings = RegistrySettings(
+        client=ClientSettings(ping_timeout=0.2),
+        health_interval=0.05,
+        launch=LaunchSettings(ping_failures=1),
+    )
+    with PluginRegistry(plugin_dir, settings=quiet_settings) as quiet:
         wait_for(lambda: quiet.is_loaded("Other", "T"))
         plugin.signal(signal.SIGSTOP)
         try:
@@ -500,6 +506,42 @@ def test_a_plugin_ignoring_sigterm_is_killed_after_the_grace_period(
         assert events.kinds()[-1] == "unloaded" and "lost" not in events.kinds()
         # SIGKILL left its files: the registry removed them.
         assert sorted(os.listdir(plugin_dir)) == []
+    assert zombies() == []
+
+
+def test_a_hung_launched_plugin_unloads_within_the_grace_period(plugin_dir: Path) -> None:
+    settings = RegistrySettings(launch=LaunchSettings(stop_grace=0.5, ping_interval=None))
+    with PluginRegistry(plugin_dir, settings=settings) as registry:
+        handle = launch_test_plugin(registry)
+        for name in ("a", "b"):
+            handle.register_callback(lambda data: None, name)
+        wait_for(lambda: handle.execute("Callbacks") == b"a,b")
+        proc = handle.process
+        assert proc is not None and proc.pid is not None
+        os.kill(proc.pid, signal.SIGSTOP)  # answers nothing any more; SIGKILL still works
+        started = time.monotonic()
+        registry.unload_plugin(handle)
+        assert time.monotonic() - started < 0.5 + 1.5
+        assert proc.exit_code == -signal.SIGKILL and proc.state == "stopped"
+    assert zombies() == []
+
+
+def test_unloading_a_plugin_that_is_restarting_stops_it_for_good(plugin_dir: Path) -> None:
+    settings = RegistrySettings(launch=LaunchSettings(backoff_initial=0.3, stop_grace=1.0))
+    with PluginRegistry(plugin_dir, settings=settings) as registry:
+        events = Events()
+        registry.add_listener(events)
+        handle = launch_test_plugin(registry)
+        proc = handle.process
+        assert proc is not None and proc.pid is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        wait_for(lambda: proc.state == "restarting")
+        registry.unload_plugin(handle)  # between two runs: no PluginNotLoaded
+        assert proc.state == "stopped" and events.kinds()[-1] == "unloaded"
+        deadline = time.monotonic() + 0.8  # past the backoff: the restart must not happen
+        while time.monotonic() < deadline:
+            assert proc.restarts == 0 and not registry.is_loaded("Do", "T")
+            time.sleep(0.02)
     assert zombies() == []
 
 

@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
 
-from goplug.errors import GoPlugError
+from goplug.errors import RegistryClosed
 from goplug.process import Child, is_descendant
 
 __all__ = ["LaunchSettings", "Launcher", "PluginProcess", "RestartPolicy", "describe_exit"]
@@ -270,7 +270,7 @@ class Launcher:
     def _submit(self, fn: Callable[[], object], future: Future[object]) -> None:
         with self._lock:
             if self._closed:
-                future.set_exception(GoPlugError("the registry is closed"))
+                future.set_exception(RegistryClosed("the registry is closed"))
                 return
             self._jobs.append((fn, future))
         self._wake()
@@ -297,9 +297,21 @@ class Launcher:
                         future.set_result(fn())
                     except Exception as exc:
                         future.set_exception(exc)
-                self._check_exits()
-                self._wait(timeout)
+                # This thread must outlive every child (PR_SET_PDEATHSIG): an error in one
+                # pass is logged, never the end of it.
+                try:
+                    self._check_exits()
+                    self._wait(timeout)
+                except Exception:
+                    log.exception("launcher: watching the plugin processes failed")
+                    time.sleep(0.05)
         finally:
+            with self._lock:
+                left, self._jobs = list(self._jobs), collections.deque()
+            for _, future in left:  # a spawn asked for as the registry closed: refused
+                future.set_exception(RegistryClosed("the registry is closed"))
+            for child in self._watched:
+                child.close_pidfd()
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -308,8 +320,9 @@ class Launcher:
         poller.register(self._wake_r, select.POLLIN)
         polled = False
         for child in self._watched:
-            if child.pidfd >= 0:
-                poller.register(child.pidfd, select.POLLIN)
+            pidfd = child.pidfd
+            if pidfd >= 0:
+                poller.register(pidfd, select.POLLIN)
             else:
                 polled = True  # no pidfd here: look again soon
         if polled:
@@ -323,6 +336,7 @@ class Launcher:
     def _check_exits(self) -> None:
         for child in [c for c in self._watched if c.has_exited()]:
             proc = self._watched.pop(child)
+            child.close_pidfd()  # this thread polls it: only this thread closes it
             # The registry's reaction may block (it stops connections, calls listeners):
             # never on this thread, which must stay free to start and watch the others.
             threading.Thread(

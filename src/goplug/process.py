@@ -247,9 +247,10 @@ class Child:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            if self.pidfd >= 0:
+            pidfd = self.pidfd
+            if pidfd >= 0:
                 poller = select.poll()
-                poller.register(self.pidfd, select.POLLIN)
+                poller.register(pidfd, select.POLLIN)
                 poller.poll(max(1, int(remaining * 1000)))
             else:
                 time.sleep(min(remaining, 0.01))
@@ -281,12 +282,15 @@ class Child:
                 os.killpg(popen.pid, signal.SIGKILL)
             code = popen.wait()
             self.exit_code = code
-            if self.pidfd >= 0:
-                os.close(self.pidfd)
-                self.pidfd = -1
         for thread in self._pumps:
             thread.join(1.0)  # every line written before the end reaches logging first
         return code
+
+    def close_pidfd(self) -> None:
+        """Close the pidfd (by the thread that polls it, once it no longer does)."""
+        fd, self.pidfd = self.pidfd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def stop(self, grace: float) -> int:
         """End the process: SIGTERM to its group, SIGKILL after ``grace`` seconds; reap it."""

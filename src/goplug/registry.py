@@ -362,13 +362,14 @@ class PluginRegistry:
     def unload_plugin(self, handle: PluginHandle) -> None:
         """End the handle's callbacks, send `/Stop`, disconnect; the plugin stays discovered."""
         with self._lock:
-            if handle.state is not PluginState.LOADED:
+            proc = handle.process
+            if proc is not None and proc.state in ("stopped", "failed", "stopping"):
+                proc = None
+            # A launched plugin between two runs (restarting) can be unloaded too: that stops it.
+            if handle.state is not PluginState.LOADED and proc is None:
                 raise PluginNotLoaded(f"plugin {handle.label} is not loaded")
             client = handle._client
             handle._client = None
-            proc = handle.process
-            if proc is not None and proc.state in ("stopped", "failed"):
-                proc = None
             if proc is not None:
                 with proc.cond:
                     proc.state = "stopping"  # its exit is expected now, not a crash
@@ -380,7 +381,14 @@ class PluginRegistry:
             sub.close()
         if client is not None:
             timeout = self.settings.client.activate_timeout
-            for sub in subs:
+            if proc is not None:
+                # Its process goes away: no unsubscribing, and /Stop may take the grace period
+                # at most, so that a hung plugin is signalled in time.
+                timeout = min(timeout, self.settings.launch.stop_grace)
+                subs_to_end: list[Subscription] = []
+            else:
+                subs_to_end = subs
+            for sub in subs_to_end:
                 with contextlib.suppress(GoPlugError):
                     extra = b"X-Goplug-Subscriber: %s\r\n" % sub.token.encode()
                     client.call(
@@ -514,6 +522,7 @@ class PluginRegistry:
                     proc.cond.notify_all()
         self._discovery.stop()
         subs: list[Subscription] = []
+        stopping: list[threading.Thread] = []
         for handle in handles:
             with self._lock:
                 client, handle._client = handle._client, None
@@ -522,11 +531,22 @@ class PluginRegistry:
                 if handle.state is PluginState.LOADED:
                     launched = handle.process is not None
                     handle.state = PluginState.STOPPED if launched else PluginState.DISCOVERED
-            if client is not None:
-                if handle.process is not None:
-                    with contextlib.suppress(GoPlugError):
-                        client.request(routes.STOP, b"", min(0.5, self.settings.launch.stop_grace))
+            if client is None:
+                continue
+            if handle.process is None:
                 client.close()
+                continue
+            # Launched: /Stop to all of them at once, each bounded, then the signals.
+            thread = threading.Thread(
+                target=self._send_stop,
+                args=(client, min(0.5, self.settings.launch.stop_grace)),
+                name="goplug-stop",
+                daemon=True,
+            )
+            thread.start()
+            stopping.append(thread)
+        for thread in stopping:
+            thread.join()
         if procs:
             self._stop_launched(procs)
             for proc in procs:
@@ -956,6 +976,8 @@ class PluginRegistry:
             if self._closed:
                 return
             with proc.cond:
+                if proc.child is not child or proc.state not in ("running", "restarting"):
+                    return  # unloaded meanwhile: the stop wins over a restart
                 delay = proc.next_restart(code, self.settings.launch)
             launcher = self._launcher
         if delay is not None and launcher is not None:
@@ -1053,6 +1075,12 @@ class PluginRegistry:
                 proc.state = "stopped"
                 proc.cond.notify_all()
             self._record_launch(proc)
+
+    @staticmethod
+    def _send_stop(client: PluginClient, timeout: float) -> None:
+        with contextlib.suppress(GoPlugError):
+            client.request(routes.STOP, b"", timeout)
+        client.close()
 
     def _record_launch(self, proc: PluginProcess) -> None:
         """Keep ``.<stem>.launch`` up to date, for ``goplug ls`` in other processes."""
