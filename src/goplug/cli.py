@@ -210,6 +210,8 @@ def _inspect(path: str, timeout: float, activate_lazy: bool) -> _Entry:
     if record is not None:
         entry.launched = True
         entry.uptime, entry.restarts = max(0.0, time.time() - record.started), record.restarts
+        if entry.pid is None:  # a plugin that does not write Pid (GoPlug 0.1.0): the launcher knows
+            entry.pid = record.pid
     if not os.path.lexists(conf.sock):
         entry.state = "stale"
         entry.extra["reason"] = "the socket file is missing"
@@ -837,6 +839,11 @@ def cmd_conformance(args: argparse.Namespace) -> int:
             raise CommandError("to attach, give DIR NAME[@NAMESPACE]", 2)
         command, directory = None, targets[0]
         name, namespace = _split_identity(targets[1])
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt  # the suite's own cleanup stops the plugin, removes its dir
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         report = conformance.run(
             command,
@@ -854,6 +861,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         raise CommandError(str(exc), 2) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if args.json:
         print(report.to_json())
     else:

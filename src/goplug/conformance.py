@@ -45,6 +45,7 @@ from typing import Any, Final, Literal
 from urllib.parse import quote, urlsplit
 
 from goplug.errors import ConfigError, ProtocolError
+from goplug.launcher import describe_exit
 from goplug.transport import peer_pid
 from goplug.wire import routes
 from goplug.wire.http import FramingError, Limits, Message, MessageReader, request_head
@@ -304,17 +305,6 @@ def _describe(msg: Message) -> str:
     return f"{msg.status} {msg.reason}".strip() + f" with body {_show(msg.body)}"
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit status {code}"
-
-
 def _key(raw: Mapping[str, Any], key: str) -> tuple[bool, Any]:
     """Look a `.pconf` key up case-insensitively, as registries do: (present, value)."""
     for k, v in raw.items():
@@ -427,7 +417,7 @@ class _Session:
         return ""
 
     def _ended(self, proc: subprocess.Popen[bytes]) -> str:
-        return f"the plugin process ended ({_describe_exit(proc.returncode)})" + self.stderr_tail()
+        return f"the plugin process ended ({describe_exit(proc.returncode)})" + self.stderr_tail()
 
 
 class _Ctx:
@@ -1309,7 +1299,7 @@ def _stop_withdrawal(ctx: _Ctx) -> str:
     if code is None:
         problems.append(f"still running {limit:g} s after SIGTERM")
     elif code != 0:
-        problems.append(f"ended with {_describe_exit(code)}, expected exit status 0")
+        problems.append(f"ended with {describe_exit(code)}, expected exit status 0")
     if os.path.lexists(s.pconf_path):
         problems.append("its .pconf is still there")
     if os.path.lexists(s.sock):
@@ -1603,7 +1593,7 @@ def _launch(session: _Session, command: Sequence[str], env: Mapping[str, str] | 
                 break
         if proc.poll() is not None:
             session.setup_error = (
-                f"the process ended ({_describe_exit(proc.returncode)}) before announcing "
+                f"the process ended ({describe_exit(proc.returncode)}) before announcing "
                 f"itself in GOPLUG_DIR{session.stderr_tail()}"
             )
             return
@@ -1614,7 +1604,7 @@ def _launch(session: _Session, command: Sequence[str], env: Mapping[str, str] | 
                 f"{session.stderr_tail()}"
             )
             return
-        time.sleep(0.002)
+        time.sleep(0.02)
     appeared = time.monotonic()
     data = b""
     with contextlib.suppress(OSError), open(path, "rb") as f:

@@ -65,9 +65,13 @@ def create_project(name: str, language: str, namespace: str = "", directory: str
     }
     source = _TEMPLATES / language
     templates = sorted(p for p in source.rglob("*.tmpl") if p.is_file())
-    target.mkdir(parents=True, exist_ok=True)
-    for template in templates:
-        out = target / template.relative_to(source).with_suffix("")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(Template(template.read_text()).substitute(values))
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for template in templates:
+            out = target / template.relative_to(source).with_suffix("")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(Template(template.read_text()).substitute(values))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"cannot write the project into {target}: {reason}") from None
     return target
