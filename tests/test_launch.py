@@ -292,6 +292,26 @@ def test_a_newer_protocol_is_refused_naming_both_versions(
 # -- start failures --------------------------------------------------------------------------
 
 
+def test_a_launched_plugin_speaking_another_protocol_fails_at_once(
+    registry: PluginRegistry, tmp_path: Path
+) -> None:
+    future = tmp_path / "future.py"
+    future.write_text(
+        "import json, os, threading\n"
+        "d = os.environ['GOPLUG_DIR']\n"
+        "conf = {'Name': 'Fut', 'Sock': d + '/Fut.sock', 'Protocol': 'goplug/9',\n"
+        "        'Launch': os.environ['GOPLUG_LAUNCH_TOKEN']}\n"
+        "open(d + '/.Fut.tmp', 'w').write(json.dumps(conf))\n"
+        "os.chmod(d + '/.Fut.tmp', 0o600)\n"
+        "os.rename(d + '/.Fut.tmp', d + '/Fut.pconf')\n"
+        "threading.Event().wait()\n"
+    )
+    started = time.monotonic()
+    with pytest.raises(PluginStartError, match="goplug/9"):
+        registry.launch([sys.executable, str(future)], name="Fut", start_timeout=30)
+    assert time.monotonic() - started < 10  # refused when seen, not at the start timeout
+
+
 def test_a_command_that_exits_reports_its_code_and_stderr(registry: PluginRegistry) -> None:
     command = [
         sys.executable,

@@ -619,8 +619,24 @@ class PluginRegistry:
         finally:
             os.close(fd)
         conf = parse_pconf(data, path)
-        check_protocol(conf)
+        try:
+            check_protocol(conf)
+        except ConfigError as exc:
+            self._refuse_launched(conf, exc.reason)
+            raise
         return conf
+
+    def _refuse_launched(self, conf: PluginConf, reason: str) -> None:
+        """A process this registry is starting announced itself unusably: its launch fails now."""
+        if not conf.launch:
+            return
+        with self._lock:
+            procs = [*self._launches.values(), *self._unnamed]
+        for proc in procs:
+            if proc.token == conf.launch and proc.state in ("starting", "restarting"):
+                with proc.cond:
+                    proc.refusal = reason
+                    proc.cond.notify_all()
 
     def _on_files(self, changed: list[str], removed: list[str]) -> None:
         for path in removed:
