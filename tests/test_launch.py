@@ -274,6 +274,18 @@ def test_a_plugin_announcing_another_name_than_asked_is_refused(
     assert caught.value.exit_code is None  # it was running when refused, then stopped
 
 
+def test_a_plugin_without_token_announcing_another_name_is_refused_at_once(
+    registry: PluginRegistry, plugin_dir: Path
+) -> None:
+    # The GoPlug stand-in echoes no token; launched as "Other" it announces Do@Test.
+    command = [sys.executable, str(GO_PLUGIN), registry.location]
+    started = time.monotonic()
+    with pytest.raises(PluginStartError, match="announced Do@Test, not Other@Test"):
+        registry.launch(command, name="Other", namespace="Test", start_timeout=30)
+    assert time.monotonic() - started < 10  # at once, not at the start timeout
+    assert not registry.is_loaded("Do", "Test")
+
+
 def test_a_newer_protocol_is_refused_naming_both_versions(
     registry: PluginRegistry, plugin_dir: Path
 ) -> None:

@@ -281,9 +281,15 @@ class LaunchingRegistry:
     def _check_launched_peer(
         self, handle: PluginHandle, conf: PluginConf, client: PluginClient
     ) -> None:
-        """A launched plugin without the token must be served by the launched process tree."""
+        """A launched plugin without the token must be served by the launched process tree.
+
+        And a plugin that is not one of ours must not be served by a process being launched
+        under another name (a launched program announcing the wrong identity, with no token).
+        """
         proc = handle.process
         if proc is None or proc.state in ("stopped", "failed"):
+            if not conf.launch:
+                self._refuse_wrong_name(handle, conf, client)
             return
         if conf.launch and conf.launch == proc.token:
             return
@@ -294,6 +300,26 @@ class LaunchingRegistry:
                 f"by pid {pid}, not by the launched pid {proc.pid} or its descendants",
                 conf.path or None,
             )
+
+    def _refuse_wrong_name(
+        self, handle: PluginHandle, conf: PluginConf, client: PluginClient
+    ) -> None:
+        with self._lock:
+            starting = [
+                p
+                for p in [*self._launches.values(), *self._unnamed]
+                if p.state in ("starting", "restarting")
+            ]
+        if not starting:
+            return  # the usual case: no peer lookup
+        pid = client.peer_pid()
+        for proc in starting:
+            if proc.owns(pid):
+                refusal = f"the launched process announced {handle.label}, not {proc.label}"
+                with proc.cond:
+                    proc.refusal = refusal
+                    proc.cond.notify_all()
+                raise ConfigError(f"refused {handle.label}: {refusal}", conf.path or None)
 
     def _on_process_exit(self, proc: PluginProcess, child: Child) -> None:
         """A launched process ended (on its own thread): lose the plugin, restart or give up."""
