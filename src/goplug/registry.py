@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import select
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -649,12 +650,7 @@ class PluginRegistry(LaunchingRegistry):
             except GoPlugError as exc:
                 log.warning("could not load plugin %s: %s", handle.label, exc)
 
-        with self._lock:
-            if self._closed:
-                return
-            if self._loader is None:
-                self._loader = ThreadPoolExecutor(4, thread_name_prefix="goplug-load")
-            self._loader.submit(run)
+        self._run_in_pool(run)
 
     def _load(self, handle: PluginHandle) -> None:
         with handle._load_lock:
@@ -788,13 +784,14 @@ class PluginRegistry(LaunchingRegistry):
                     log.warning(
                         "launched plugin %s: %s; killing pid %d", handle.label, reason, child.pid
                     )
-                    child.signal_group(9)  # its exit restarts it
+                    child.signal_group(signal.SIGKILL)  # its exit restarts it
                 else:
                     self._lose(handle, reason)
         finally:
             handle._pinging = False
 
     def _run_in_pool(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the registry's small pool (loads and pings); nothing once closed."""
         with self._lock:
             if self._closed:
                 return

@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import logging
 import os
+import signal
 import stat
 import sys
 import threading
@@ -396,7 +397,7 @@ class LaunchingRegistry:
                 self._await_start(proc, child)
             except GoPlugError as exc:
                 log.warning("restart of %s failed: %s", proc.label, exc)
-                child.signal_group(9)  # its exit brings the policy back in
+                child.signal_group(signal.SIGKILL)  # its exit brings the policy back in
             else:
                 log.info("restarted %s (pid %d)", proc.label, child.pid)
 
@@ -416,7 +417,7 @@ class LaunchingRegistry:
             if child is not None:
                 children.append((proc, child))
                 if not child.has_exited():
-                    child.signal_group(15)
+                    child.signal_group(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.launch.stop_grace
         for _, child in children:
             child.wait_exit(max(0.0, deadline - time.monotonic()))
@@ -428,7 +429,7 @@ class LaunchingRegistry:
                     child.pid,
                     self.settings.launch.stop_grace,
                 )
-                child.signal_group(9)
+                child.signal_group(signal.SIGKILL)
         for proc, child in children:
             child.wait_exit(5.0)
             child.reap()
