@@ -99,6 +99,9 @@ if TYPE_CHECKING:
     from goplug.server import (
         ServerSettings as ServerSettings,
     )
+    from goplug.tls import (
+        TLSConfig as TLSConfig,
+    )
     from goplug.wire.http import (
         Limits as Limits,
     )
@@ -135,6 +138,7 @@ _WHERE = {
     "PluginState": "goplug.registry",
     "RegistrySettings": "goplug.registry",
     "ServerSettings": "goplug.server",
+    "TLSConfig": "goplug.tls",
     "Limits": "goplug.wire.http",
 }
 
@@ -168,6 +172,7 @@ __all__ = [
     "RemoteError",
     "ServerSettings",
     "Subscription",
+    "TLSConfig",
     "serve",
 ]
 

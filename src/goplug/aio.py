@@ -40,6 +40,10 @@ from goplug.transport import Transport
 from goplug.wire import routes
 from goplug.wire.http import FramingError, Limits, Message, MessageReader
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING
+if TYPE_CHECKING:
+    from goplug.tls import TLSConfig
+
 __all__ = ["Plugin", "PluginHandle", "PluginRegistry"]
 
 Callback = Callable[[bytes], object]
@@ -237,17 +241,11 @@ class _Pool:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
-        try:
-            transport, conn = await asyncio.wait_for(
-                loop.create_unix_connection(
-                    lambda: _Connection(self._limits), self.client.conf.sock
-                ),
-                self._connect_timeout,
-            )
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise PluginConnectionError(
-                f"cannot connect to {self.client.conf.sock}: {exc or 'timed out'}"
-            ) from None
+        client = self.client
+        transport, protocol = await client.transport.connect_async(
+            loop, lambda: _Connection(self._limits), client.conf.address, self._connect_timeout
+        )
+        conn = cast(_Connection, protocol)
         # uvloop may call connection_made only after returning the pair.
         conn.transport = transport
         return conn
@@ -399,9 +397,21 @@ class PluginRegistry:
         *,
         settings: RegistrySettings | None = None,
         transport: Transport | None = None,
+        tls: TLSConfig | None = None,
+        insecure_loopback: bool = False,
+        token: str | None = None,
+        etcd_tls: TLSConfig | None = None,
     ) -> None:
         self.sync = _registry.PluginRegistry(
-            location, auto_discover, conf_ext, settings=settings, transport=transport
+            location,
+            auto_discover,
+            conf_ext,
+            settings=settings,
+            transport=transport,
+            tls=tls,
+            insecure_loopback=insecure_loopback,
+            token=token,
+            etcd_tls=etcd_tls,
         )
         """The underlying sync registry."""
         self.settings = self.sync.settings

@@ -28,7 +28,7 @@ from goplug.errors import (
     ProtocolError,
     RegistryClosed,
 )
-from goplug.transport import Transport, peer_pid, set_timeouts
+from goplug.transport import Transport, peek, peer_pid, set_timeouts
 from goplug.wire import routes
 from goplug.wire.http import FramingError, Limits, Message, MessageReader, TruncatedMessage
 from goplug.wire.pconf import PluginConf
@@ -40,7 +40,7 @@ log = logging.getLogger("goplug.client")
 _RECV = 65536
 _BIG_RECV = 1024 * 1024  # receive size while a large body is coming
 # Answers after which a plugin closes the connection (docs/PROTOCOL.md §6).
-_CLOSING_STATUSES = frozenset({400, 408, 413, 503})
+_CLOSING_STATUSES = frozenset({400, 401, 408, 413, 503})
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,8 @@ class PluginClient:
         self._host = conf.host.encode("ascii")
         self._path = conf.path_prefix.encode("ascii")
         self._prefixes: dict[str, bytes] = {}
+        token = transport.token
+        self._auth = b"Authorization: Bearer %s\r\n" % token.encode("ascii") if token else b""
 
     # -- the call path -------------------------------------------------------------------------
 
@@ -227,9 +229,10 @@ class PluginClient:
 
     def _prefix(self, route: str, extra_headers: bytes) -> bytes:
         path = self._path + b"/" + quote(route, safe="!$&'()*+,;=:@").encode("ascii")
-        prefix = b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: " % (
+        prefix = b"POST %s HTTP/1.1\r\nHost: %s\r\n%s%sContent-Length: " % (
             path,
             self._host,
+            self._auth,
             extra_headers,
         )
         if not extra_headers and len(self._prefixes) < 1024:
@@ -244,6 +247,11 @@ class PluginClient:
         except IndexError:
             return self.connect()
 
+    @property
+    def transport(self) -> Transport:
+        """The transport this client connects with."""
+        return self._transport
+
     def peer_pid(self) -> int | None:
         """Return the pid that listens on the plugin's socket, if the OS tells.
 
@@ -257,7 +265,7 @@ class PluginClient:
 
     def connect(self) -> Connection:
         """Open a new connection to the plugin (not pooled until used)."""
-        sock = self._transport.connect(self.conf.sock, self._settings.connect_timeout)
+        sock = self._transport.connect(self.conf.address, self._settings.connect_timeout)
         return Connection(sock, self._settings.limits)
 
     @property
@@ -279,12 +287,7 @@ class PluginClient:
                 conn = self._idle.popleft()
             except IndexError:
                 break
-            try:
-                peeked = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                peeked = None
-            except OSError:
-                peeked = b""
+            peeked = peek(conn.sock)
             if peeked is not None:  # EOF, or bytes nobody asked for: this connection is done
                 conn.close()
                 healthy = healthy and peeked != b""

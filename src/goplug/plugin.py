@@ -37,6 +37,9 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING; a plugin never needs asyncio unle
 if TYPE_CHECKING:
     import asyncio
 
+    from goplug.etcd import EtcdAnnouncer, EtcdLocation
+    from goplug.tls import TLSConfig
+
 F = Callable[[bytes], object]
 
 
@@ -60,7 +63,7 @@ class _Phase(enum.Enum):
 
 
 class Plugin:
-    """A plugin: methods served on a Unix socket, announced by a `.pconf` file in ``location``.
+    """A plugin: methods served on a socket, announced by a `.pconf` document in ``location``.
 
     >>> plugin = Plugin("plugins", "Do", "Test")
     >>> @plugin.method
@@ -70,6 +73,13 @@ class Plugin:
     ``location=None`` takes the directory from the environment variable ``GOPLUG_DIR``, which a
     registry sets when it launches the plugin (:meth:`PluginRegistry.launch`); a plugin started
     that way also echoes the registry's launch token in its `.pconf`.
+
+    For registries on other hosts, ``location`` is ``etcd://host:2379[,host2:2379]/prefix`` (the
+    `.pconf` is put in etcd on a lease of ``lease_ttl`` seconds that the plugin keeps alive) and
+    ``url`` is ``tcp://HOST:PORT`` (port 0: any free port): the plugin listens on TCP with mutual
+    TLS (``tls``), announces ``https://<advertise or HOST>:<port>`` and refuses clients without
+    a certificate from the same CA. ``insecure_loopback=True`` with a shared ``token`` allows
+    plaintext on loopback instead (docs/MULTIHOST.md).
     """
 
     def __init__(
@@ -84,6 +94,12 @@ class Plugin:
         *,
         settings: PluginSettings | None = None,
         transport: Transport | None = None,
+        tls: TLSConfig | None = None,
+        advertise: str | None = None,
+        insecure_loopback: bool = False,
+        token: str | None = None,
+        lease_ttl: float = 5.0,
+        etcd_tls: TLSConfig | None = None,
     ) -> None:
         check_name(name, "name", plugin_side=True)
         check_name(namespace, "namespace", plugin_side=True)
@@ -94,10 +110,43 @@ class Plugin:
                     f"plugin {file_stem(name, namespace)}: no plugin directory; pass one, or set "
                     f"{ENV_DIR} (a registry's launch() sets it)"
                 )
-        self.location = os.path.abspath(os.fspath(location))
+        location = os.fspath(location)
+        self._etcd: EtcdLocation | None = None
+        if location.startswith(("etcd://", "etcds://")):
+            from goplug.etcd import parse_etcd_location
+
+            self._etcd = parse_etcd_location(location)
+            self.location = location
+        else:
+            self.location = os.path.abspath(location)
         self.name = name
         self.namespace = namespace
         self.url = url or default_url(name, namespace)
+        self._tcp: tuple[str, int] | None = None  # where to listen, for a plugin on TCP
+        self._advertise = advertise
+        if self.url.startswith("tcp://"):
+            from goplug.tls import TcpTransport, parse_tcp_url
+
+            _, host, port = parse_tcp_url(self.url)
+            self._tcp = (host, port)
+            if advertise is None and host in ("0.0.0.0", "::", ""):
+                raise ConfigError(
+                    f"plugin {file_stem(name, namespace)} listens on all interfaces ({self.url}): "
+                    "pass advertise=ADDRESS, the address registries reach it at"
+                )
+            if transport is None:
+                transport = TcpTransport(tls, insecure_loopback=insecure_loopback, token=token)
+        elif tls is not None or insecure_loopback:
+            raise ConfigError("tls and insecure_loopback apply to a plugin on TCP (url='tcp://...')")
+        elif self._etcd is not None:
+            raise ConfigError(
+                "a plugin announced in etcd is reached over TCP: pass url='tcp://HOST:PORT'"
+            )
+        if lease_ttl < 2:
+            raise ConfigError(f"lease_ttl must be at least 2 seconds, not {lease_ttl:g}")
+        self.lease_ttl = lease_ttl
+        self._etcd_tls = etcd_tls or tls
+        self._announcer: EtcdAnnouncer | None = None
         self.lazy_load = lazy_load
         self.activator = activator
         self.stopper = stopper
@@ -109,11 +158,19 @@ class Plugin:
         self._phase = _Phase.NEW
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None  # set by goplug.aio.Plugin
+        self.announced_url = ""
+        """The ``Url`` the plugin announced (set by :meth:`start`)."""
         stem = file_stem(name, namespace)
-        self.pconf_path = os.path.join(self.location, stem + self.settings.conf_ext)
-        """Where the plugin announces itself."""
+        if self._etcd is not None:
+            from goplug.etcd import key_for
+
+            self.pconf_path = key_for(self._etcd.prefix, name, namespace)
+        else:
+            self.pconf_path = os.path.join(self.location, stem + self.settings.conf_ext)
+        """Where the plugin announces itself: a file path, or its key in etcd."""
         self.sock_path = ""
-        """The socket it listens on (set by :meth:`start`; may be a short path, see PROTOCOL.md)."""
+        """The socket it listens on (set by :meth:`start`; may be a short path, see PROTOCOL.md;
+        ``host:port`` for a plugin on TCP)."""
 
     # -- methods -------------------------------------------------------------------------------
 
@@ -180,12 +237,25 @@ class Plugin:
         with self._lock:
             if self._phase is not _Phase.NEW:
                 raise GoPlugError(f"plugin {self.label} was already started")
-            if not os.path.isdir(self.location):
+            if self._etcd is None and not os.path.isdir(self.location):
                 os.makedirs(self.location, mode=0o700, exist_ok=True)
             stem = file_stem(self.name, self.namespace)
-            self.sock_path = socket_path_for(os.path.join(self.location, stem + ".sock"))
-            listener = self._transport.listen(self.sock_path, self.settings.backlog)
-            prefix = self.url.split("://", 1)[-1].partition("/")[2]
+            url = self.url
+            if self._tcp is not None:
+                from goplug.tls import TcpTransport, join_address
+
+                host, port = self._tcp
+                listener = self._transport.listen(join_address(host, port), self.settings.backlog)
+                port = listener.getsockname()[1]
+                self.sock_path = join_address(host, port)
+                scheme = "https" if isinstance(self._transport, TcpTransport) and (
+                    self._transport.tls is not None
+                ) else "http"
+                url = f"{scheme}://{join_address(self._advertise or host, port)}"
+            else:
+                self.sock_path = socket_path_for(os.path.join(self.location, stem + ".sock"))
+                listener = self._transport.listen(self.sock_path, self.settings.backlog)
+            prefix = url.split("://", 1)[-1].partition("/")[2]
             server = Server(
                 listener,
                 self._methods,
@@ -196,6 +266,7 @@ class Plugin:
                 self.settings.server,
                 self.label,
                 self._loop,
+                self._transport,
             )
             server.start()
             self._server = server
@@ -205,8 +276,8 @@ class Plugin:
             conf = PluginConf(
                 name=self.name,
                 namespace=self.namespace,
-                url=self.url,
-                sock=self.sock_path,
+                url=url,
+                sock="" if self._tcp is not None else self.sock_path,
                 lazy_load=self.lazy_load,
                 pid=os.getpid(),
                 protocol=PROTOCOL_VERSION,
@@ -214,13 +285,14 @@ class Plugin:
                 launch=_launch_token(),
             )
             try:
-                write_atomically(self.pconf_path, dump_pconf(conf))
-            except OSError:
+                self._publish(dump_pconf(conf))
+            except BaseException:
                 self._phase = _Phase.NEW
                 self._server = None
                 server.close()
                 self._transport.unlink(self.sock_path)
                 raise
+            self.announced_url = url
         log.info("plugin %s listening on %s", self.label, self.sock_path)
 
     def stop(self) -> None:
@@ -230,12 +302,31 @@ class Plugin:
                 self._phase = _Phase.STOPPED
                 return
             self._phase = _Phase.STOPPED
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.pconf_path)
+            self._withdraw()
             if self._server is not None:
                 self._server.close()
             self._transport.unlink(self.sock_path)
         log.info("plugin %s stopped", self.label)
+
+    def _publish(self, document: bytes) -> None:
+        if self._etcd is None:
+            write_atomically(self.pconf_path, document)
+            return
+        from goplug.etcd import EtcdAnnouncer
+
+        announcer = EtcdAnnouncer(
+            self._etcd, self.pconf_path, document, ttl=self.lease_ttl, tls=self._etcd_tls
+        )
+        announcer.start()
+        self._announcer = announcer
+
+    def _withdraw(self) -> None:
+        announcer, self._announcer = self._announcer, None
+        if announcer is not None:
+            announcer.stop()  # revokes the lease: registries see the plugin go at once
+        elif self._etcd is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.pconf_path)
 
     def serve_forever(self) -> None:
         """Start (if needed), block until SIGINT or SIGTERM, then stop cleanly."""

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Literal
 
 from goplug.client import ClientSettings, PluginClient, Subscription
-from goplug.discovery import DirectoryDiscovery
+from goplug.discovery import DirectoryDiscovery, Discovery
 from goplug.errors import (
     ConfigError,
     GoPlugError,
@@ -51,6 +51,10 @@ __all__ = [
     "PluginState",
     "RegistrySettings",
 ]
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING; ssl is imported only for plugins on TCP
+if TYPE_CHECKING:
+    from goplug.tls import TcpTransport, TLSConfig
 
 log = logging.getLogger("goplug.registry")
 
@@ -209,6 +213,12 @@ class PluginRegistry(LaunchingRegistry):
     With ``auto_discover`` the directory is watched: new plugins are discovered within
     milliseconds and loaded at once unless they ask for lazy loading. Without it, plugins are
     found when :meth:`load_plugin` asks for them.
+
+    ``location`` may also be ``etcd://host:2379[,host2:2379]/prefix`` (``etcds://`` for TLS to
+    etcd, with ``etcd_tls`` or else ``tls``): plugins on other hosts announce themselves there.
+    Plugins whose ``Url`` is ``https://`` are reached over TCP with mutual TLS (``tls``: the CA,
+    and the certificate this registry presents); ``http://`` only on loopback, with
+    ``insecure_loopback=True`` and the plugins' shared ``token`` (docs/MULTIHOST.md).
     """
 
     def __init__(
@@ -219,13 +229,24 @@ class PluginRegistry(LaunchingRegistry):
         *,
         settings: RegistrySettings | None = None,
         transport: Transport | None = None,
+        tls: TLSConfig | None = None,
+        insecure_loopback: bool = False,
+        token: str | None = None,
+        etcd_tls: TLSConfig | None = None,
     ) -> None:
-        self.location = os.path.abspath(os.fspath(location))
+        location = os.fspath(location)
+        self._etcd = location.startswith(("etcd://", "etcds://"))
+        self.location = location if self._etcd else os.path.abspath(location)
         self.conf_ext = conf_ext or ".pconf"
         self.auto_discover = auto_discover
         self.settings = settings or RegistrySettings()
         self._allowed = self.settings.allowed_uids or frozenset({os.getuid()})
         self._transport = transport or UnixTransport()
+        self._tcp: TcpTransport | None = None
+        if tls is not None or insecure_loopback:
+            from goplug.tls import TcpTransport
+
+            self._tcp = TcpTransport(tls, insecure_loopback=insecure_loopback, token=token)
         self._lock = threading.RLock()
         self._handles: dict[tuple[str, str], PluginHandle] = {}
         self._files: dict[str, tuple[str, str]] = {}  # .pconf path -> identity
@@ -236,17 +257,30 @@ class PluginRegistry(LaunchingRegistry):
         self._launches: dict[tuple[str, str], PluginProcess] = {}  # identity -> its process
         self._unnamed: list[PluginProcess] = []  # launched without a name, not announced yet
         self._launcher: Launcher | None = None
-        if not os.path.isdir(self.location):
-            os.makedirs(self.location, mode=0o700, exist_ok=True)
-        self._discovery = DirectoryDiscovery(
-            self.location,
-            self.conf_ext,
-            self._on_files,
-            on_tick=self._health_check,
-            tick_interval=self.settings.health_interval,
-            poll_interval=self.settings.poll_interval,
-            use_inotify=self.settings.use_inotify,
-        )
+        self._discovery: Discovery
+        if self._etcd:
+            from goplug.etcd import EtcdDiscovery, parse_etcd_location
+
+            self._etcd_location = parse_etcd_location(location)
+            self._discovery = EtcdDiscovery(
+                self._etcd_location,
+                self._on_files,
+                on_tick=self._health_check,
+                tick_interval=self.settings.health_interval,
+                tls=etcd_tls or tls,
+            )
+        else:
+            if not os.path.isdir(self.location):
+                os.makedirs(self.location, mode=0o700, exist_ok=True)
+            self._discovery = DirectoryDiscovery(
+                self.location,
+                self.conf_ext,
+                self._on_files,
+                on_tick=self._health_check,
+                tick_interval=self.settings.health_interval,
+                poll_interval=self.settings.poll_interval,
+                use_inotify=self.settings.use_inotify,
+            )
         if auto_discover:
             self._discovery.start()
 
@@ -511,6 +545,8 @@ class PluginRegistry(LaunchingRegistry):
                 log.exception("registry listener raised on %s event", kind)
 
     def _read_conf(self, path: str) -> PluginConf:
+        if self._etcd:
+            return self._read_etcd_conf(path)
         check_owner(path, self._allowed, "announce file", want_socket=False)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -527,6 +563,43 @@ class PluginRegistry(LaunchingRegistry):
             self._refuse_launched(conf, exc.reason)
             raise
         return conf
+
+    def _read_etcd_conf(self, key: str) -> PluginConf:
+        from goplug.etcd import EtcdDiscovery, identity_of_key
+
+        assert isinstance(self._discovery, EtcdDiscovery)
+        conf = parse_pconf(self._discovery.read(key), key)
+        if identity_of_key(self._etcd_location.prefix, key) != conf.identity:
+            raise ConfigError(
+                f"announces {file_stem(conf.name, conf.namespace)}, which belongs at another key",
+                key,
+            )
+        if not conf.remote:
+            raise ConfigError(f"'Url' {conf.url!r}: a plugin in etcd must be reached over TCP", key)
+        check_protocol(conf)
+        return conf
+
+    def _transport_for(self, conf: PluginConf) -> Transport:
+        """The transport that reaches ``conf``'s plugin: by the scheme of its ``Url``."""
+        if not conf.remote:
+            return self._transport
+        tcp = self._tcp
+        label = file_stem(conf.name, conf.namespace)
+        if conf.url.startswith("https://"):
+            if tcp is None or tcp.tls is None:
+                raise ConfigError(
+                    f"plugin {label} is reached over TLS ({conf.url}) and this registry has no "
+                    "certificates: pass tls=TLSConfig(ca=..., cert=..., key=...)",
+                    conf.path or None,
+                )
+            return tcp
+        if tcp is None or tcp.tls is not None:
+            raise ConfigError(
+                f"plugin {label} is reached in plaintext ({conf.url}); this registry allows that "
+                "only with insecure_loopback=True and the shared token",
+                conf.path or None,
+            )
+        return tcp
 
     def _on_files(self, changed: list[str], removed: list[str]) -> None:
         for path in removed:
@@ -664,10 +737,12 @@ class PluginRegistry(LaunchingRegistry):
                 if handle.state is PluginState.LOADED:
                     raise PluginAlreadyLoaded(f"plugin {handle.label} is already loaded")
                 raise PluginNotDiscovered(f"plugin {handle.label} is not discovered")
-        if not os.path.lexists(conf.sock):
-            raise PluginConnectionError(f"plugin {handle.label}: no socket at {conf.sock}")
-        check_owner(conf.sock, self._allowed, f"socket of {handle.label}", want_socket=True)
-        client = PluginClient(conf, self._transport, self.settings.client)
+        transport = self._transport_for(conf)
+        if not conf.remote:
+            if not os.path.lexists(conf.sock):
+                raise PluginConnectionError(f"plugin {handle.label}: no socket at {conf.sock}")
+            check_owner(conf.sock, self._allowed, f"socket of {handle.label}", want_socket=True)
+        client = PluginClient(conf, transport, self.settings.client)
         try:
             self._check_launched_peer(handle, conf, client)
             body = client.request(routes.ACTIVATE, b"", self.settings.client.activate_timeout)

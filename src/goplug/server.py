@@ -20,7 +20,7 @@ from goplug import memory
 from goplug.callbacks import CallbackHub
 from goplug.errors import GoPlugError, ProtocolError
 from goplug.logs import LazyLogger
-from goplug.transport import peer_uid, set_timeouts
+from goplug.transport import Transport, UnixTransport, peek, peer_uid, set_timeouts
 from goplug.wire import routes
 from goplug.wire.http import FramingError, Limits, Message, MessageReader, response_head
 
@@ -110,8 +110,11 @@ class Server:
         settings: ServerSettings,
         label: str,
         loop: asyncio.AbstractEventLoop | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self._listener = listener
+        self._transport = transport or UnixTransport()
+        self._token = self._transport.token
         self._loop = loop
         self._methods = methods
         self._hub = hub
@@ -188,7 +191,26 @@ class Server:
             conn.sendall(response_head(status, len(body), _JSON + b"Connection: close\r\n") + body)
         conn.close()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, accepted: socket.socket) -> None:
+        try:
+            conn = self._transport.secure(accepted)
+        except Exception:
+            log.exception("%s: could not set up a connection", self._label)
+            conn = None
+        with self._lock:
+            self._conns.discard(accepted)
+            if conn is not None and not self._closing:
+                self._conns.add(conn)  # close() must reach the TLS socket, not the raw one
+        if conn is None:
+            with contextlib.suppress(OSError):
+                accepted.close()
+            return
+        if self._closing:
+            conn.close()
+            return
+        self._serve_secured(conn)
+
+    def _serve_secured(self, conn: socket.socket) -> None:
         settings = self._settings
         timeout = settings.request_timeout
         set_timeouts(conn, timeout)
@@ -197,6 +219,7 @@ class Server:
         idle_periods = 0  # request timeouts that expired while nothing was pending
         started = 0.0  # when a partial request was first seen (for slow senders)
         served = False
+        authorized = self._token is None
         recv = conn.recv
         answer = self._answer
         receive = reader.receive
@@ -206,7 +229,7 @@ class Server:
                     # The usual case: an idle connection, one whole request per recv.
                     try:
                         data = recv(_RECV)
-                    except BlockingIOError:  # SO_RCVTIMEO expired with nothing pending
+                    except (BlockingIOError, TimeoutError):  # nothing came within the timeout
                         idle_periods += 1
                         if not served or idle_periods >= idle_limit:
                             return
@@ -234,7 +257,7 @@ class Server:
                                 data = recv(min(wanted, _BIG_RECV))
                             else:
                                 data = recv(_RECV)
-                        except BlockingIOError:
+                        except (BlockingIOError, TimeoutError):
                             self._refuse(conn, 408, "RequestTimeout", "the request took too long")
                             return
                         if not data:
@@ -244,6 +267,12 @@ class Server:
                 started = 0.0
                 idle_periods = 0
                 served = True
+                if not authorized:
+                    if not self._token_matches(msg):
+                        log.warning("%s: refused a request without the shared token", self._label)
+                        self._refuse(conn, 401, "Unauthorized", "a valid shared token is required")
+                        return
+                    authorized = True  # the connection is authenticated from here on
                 if not answer(conn, msg) or not msg.keep_alive:
                     return
         except FramingError as exc:
@@ -255,6 +284,13 @@ class Server:
                 self._conns.discard(conn)
             with contextlib.suppress(OSError):
                 conn.close()
+
+    def _token_matches(self, msg: Message) -> bool:
+        import hmac
+
+        assert self._token is not None
+        expected = b"Bearer " + self._token.encode("ascii")
+        return hmac.compare_digest(msg.header(b"authorization"), expected)
 
     # -- routes --------------------------------------------------------------------------------
 
@@ -325,12 +361,7 @@ class Server:
             return self._send_error(conn, 400, exc)
 
         def peer_gone() -> bool:
-            try:
-                return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-            except BlockingIOError:
-                return False
-            except OSError:
-                return True
+            return peek(conn) == b""
 
         batch = self._hub.poll(token.decode() if token else None, name, int(ack_text), peer_gone)
         if batch is None:

@@ -50,7 +50,7 @@ from goplug.wire.pconf import (
 )
 
 if TYPE_CHECKING:
-    from goplug.discovery import DirectoryDiscovery
+    from goplug.discovery import Discovery
     from goplug.registry import EventKind, PluginEvent, PluginHandle, RegistrySettings
 
 __all__ = ["LaunchingRegistry"]
@@ -63,6 +63,7 @@ class LaunchingRegistry:
 
     if TYPE_CHECKING:  # what it uses of the registry that inherits it
         location: str
+        _etcd: bool
         auto_discover: bool
         settings: RegistrySettings
         _lock: threading.RLock
@@ -72,7 +73,7 @@ class LaunchingRegistry:
         _launches: dict[tuple[str, str], PluginProcess]
         _unnamed: list[PluginProcess]
         _launcher: Launcher | None
-        _discovery: DirectoryDiscovery
+        _discovery: Discovery
 
         def is_loaded(self, name: str, namespace: str = "") -> bool:  # noqa: D102
             ...
@@ -120,6 +121,11 @@ class LaunchingRegistry:
         ``start_timeout`` seconds, ConfigError for bad arguments.
         """
         self._check_open()
+        if self._etcd:
+            raise ConfigError(
+                "launch() starts plugins on this host and watches them in a directory: use a "
+                "directory registry for launched plugins (plugins in etcd run on their own hosts)"
+            )
         argv = _command_line(command)
         if restart not in RESTART_POLICIES:
             raise ConfigError(f"restart must be one of {sorted(RESTART_POLICIES)}, not {restart!r}")

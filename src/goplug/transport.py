@@ -1,9 +1,9 @@
-"""How bytes move between a registry and a plugin: Unix stream sockets today.
+"""How bytes move between a registry and a plugin: the :class:`Transport` interface.
 
-This is the only module that knows socket families and addresses. Both sides ask it for a
-listening or a connected socket and then only call ``recv``/``sendall`` on it, so another
-transport (TCP with TLS for plugins on other hosts) means another implementation of
-:class:`Transport`, not a change elsewhere.
+Both sides ask a transport for a listening or a connected socket and then only call
+``recv``/``sendall`` on it. :class:`UnixTransport` (here) serves plugins on this host;
+:class:`goplug.tls.TcpTransport` serves plugins on other hosts (TCP with mutual TLS). Which one
+a registry uses for a plugin follows the scheme of the plugin's ``Url`` (:func:`is_tcp_url`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import socket
 import stat
 import struct
 import sys
-from typing import Protocol
+from typing import Any, Protocol
 
 from goplug.errors import ConfigError, PluginAlreadyRunning, PluginConnectionError
 from goplug.logs import LazyLogger
@@ -25,6 +25,8 @@ __all__ = [
     "Transport",
     "UnixTransport",
     "check_owner",
+    "is_tcp_url",
+    "peek",
     "peer_pid",
     "peer_uid",
     "set_timeouts",
@@ -42,8 +44,24 @@ _UCRED = struct.Struct("3i")
 class Transport(Protocol):
     """What the client and the server need from a transport."""
 
+    token: str | None
+    """A shared secret every request carries (plaintext TCP on loopback), else None."""
+
     def connect(self, address: str, timeout: float) -> socket.socket:
         """Return a blocking socket connected to ``address``; raise PluginConnectionError."""
+        ...
+
+    async def connect_async(
+        self, loop: Any, factory: Any, address: str, timeout: float
+    ) -> tuple[Any, Any]:
+        """Open an asyncio connection to ``address`` (a transport and ``factory()``'s protocol)."""
+        ...
+
+    def secure(self, conn: socket.socket) -> socket.socket | None:
+        """Prepare an accepted connection on the plugin's side (e.g. a TLS handshake).
+
+        Runs in the connection's own thread; returns None when the peer is refused.
+        """
         ...
 
     def listen(self, address: str, backlog: int) -> socket.socket:
@@ -75,22 +93,49 @@ def socket_path_for(wanted: str) -> str:
     return os.path.join(base, f"{digest}.sock")
 
 
+def is_tcp_url(url: str) -> bool:
+    """Tell whether a plugin's ``Url`` names a TCP endpoint (``https://`` or ``http://``)."""
+    return url.startswith(("https://", "http://"))
+
+
 def set_timeouts(sock: socket.socket, seconds: float) -> None:
     """Bound every receive and send on ``sock`` to ``seconds`` (0: no bound).
 
     Kernel timeouts (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking socket keep each recv and send one
     system call, where Python's own socket timeout adds a poll() before each; an expired one
-    raises BlockingIOError.
+    raises BlockingIOError. A TLS socket would retry a kernel timeout forever inside OpenSSL's
+    read loop, so it gets Python's timeout instead (an expired one raises TimeoutError).
     """
+    if isinstance(sock, _ssl_socket_type()):
+        sock.settimeout(seconds or None)
+        return
     whole = int(seconds)
     tv = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
+def _ssl_socket_type() -> type:
+    ssl = sys.modules.get("ssl")  # a TLS socket exists only if ssl was imported
+    return ssl.SSLSocket if ssl is not None else type(None)
+
+
+def peek(sock: socket.socket) -> bytes | None:
+    """Look at an idle connection without blocking: None (nothing), b"" (closed) or bytes.
+
+    Looks at the raw socket under a TLS layer too, where a plain ``recv`` cannot peek.
+    """
+    try:
+        return socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 def peer_uid(sock: socket.socket) -> int | None:
     """Return the uid of the process at the other end of a Unix socket, if the OS tells."""
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux") and sock.family == socket.AF_UNIX:
         data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
         return int(_UCRED.unpack(data)[1])
     return None
@@ -98,7 +143,7 @@ def peer_uid(sock: socket.socket) -> int | None:
 
 def peer_pid(sock: socket.socket) -> int | None:
     """Return the pid of the process that set up the other end of a Unix socket, if known."""
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux") and sock.family == socket.AF_UNIX:
         data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
         return int(_UCRED.unpack(data)[0])
     return None
@@ -128,6 +173,8 @@ def check_owner(path: str, allowed_uids: frozenset[int], what: str, want_socket:
 class UnixTransport:
     """Unix domain stream sockets named by a file system path."""
 
+    token: str | None = None
+
     def connect(self, address: str, timeout: float) -> socket.socket:
         """Connect to the plugin socket at ``address``."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -140,6 +187,25 @@ class UnixTransport:
             reason = exc.strerror or str(exc) or type(exc).__name__
             raise PluginConnectionError(f"cannot connect to {address}: {reason}") from None
         return sock
+
+    async def connect_async(
+        self, loop: Any, factory: Any, address: str, timeout: float
+    ) -> tuple[Any, Any]:
+        """Connect to the plugin socket at ``address`` from an event loop."""
+        import asyncio
+
+        try:
+            return await asyncio.wait_for(
+                loop.create_unix_connection(factory, address), timeout
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise PluginConnectionError(
+                f"cannot connect to {address}: {exc or 'timed out'}"
+            ) from None
+
+    def secure(self, conn: socket.socket) -> socket.socket | None:
+        """Nothing to do: the server checks the peer's uid when it accepts."""
+        return conn
 
     def listen(self, address: str, backlog: int) -> socket.socket:
         """Listen at ``address``, taking over a stale socket file but never a live one."""

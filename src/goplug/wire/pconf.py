@@ -103,6 +103,16 @@ class PluginConf(NamedTuple):
         return urlsplit(self.url).netloc
 
     @property
+    def remote(self) -> bool:
+        """True when the plugin is reached over TCP (``Url`` is ``https://`` or ``http://``)."""
+        return self.url.startswith(("https://", "http://"))
+
+    @property
+    def address(self) -> str:
+        """Where to connect: the socket path, or ``host:port`` for a plugin reached over TCP."""
+        return self.host if self.remote else self.sock
+
+    @property
     def path_prefix(self) -> str:
         """The path part of :attr:`url`, put in front of every route."""
         from urllib.parse import urlsplit
@@ -199,7 +209,9 @@ def parse_pconf(data: bytes, path: str = "") -> PluginConf:
     if not name:
         raise ConfigError("missing key 'Name'", path)
     sock = values.get("sock", "")
-    if not sock:
+    url = values.get("url", "")
+    remote = url.startswith(("https://", "http://"))
+    if not sock and not remote:
         raise ConfigError("missing key 'Sock'", path)
     try:
         check_name(name, "name")
@@ -208,10 +220,10 @@ def parse_pconf(data: bytes, path: str = "") -> PluginConf:
         raise ConfigError(exc.reason, path) from None
     if "\x00" in sock:
         raise ConfigError("'Sock' contains a NUL byte", path)
-    if not os.path.isabs(sock):
+    if sock and not os.path.isabs(sock):
         # GoPlug writes absolute paths; a relative one is taken relative to the file.
         sock = os.path.join(os.path.dirname(os.path.abspath(path)) if path else "", sock)
-    url = values.get("url") or default_url(name, namespace)
+    url = url or default_url(name, namespace)
     try:
         from urllib.parse import urlsplit
 
@@ -223,6 +235,13 @@ def parse_pconf(data: bytes, path: str = "") -> PluginConf:
         raise ConfigError(f"invalid 'Url' {url!r}: the host must be plain ASCII", path)
     if any(c in parts.path for c in " \t\r\n"):
         raise ConfigError(f"invalid 'Url' {url!r}: spaces in the path", path)
+    if remote:
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None or port == 0:
+            raise ConfigError(f"invalid 'Url' {url!r}: expected http(s)://HOST:PORT", path)
     return PluginConf(
         name=name,
         namespace=namespace,

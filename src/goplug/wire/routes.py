@@ -171,6 +171,8 @@ def error_from_response(response: Message, route: str) -> GoPlugError:
     if status == 404 or (status == 400 and not info and route not in RESERVED):
         # A GoPlug plugin answers an unknown route with 400 and no body.
         return MethodNotFound(f"the plugin has no method {route!r}")
+    if status == 401:
+        return PluginConnectionError(f"/{route}: the plugin refused this registry: {message}")
     if status == 500 or (kind and status not in (400, 408, 413, 503)):
         return RemoteError(
             kind or "Error", info.get("message", ""), info.get("traceback", ""), status
