@@ -27,6 +27,8 @@ from goplug.logs import LazyLogger
 __all__ = [
     "TLSConfig",
     "TcpTransport",
+    "dev_configs",
+    "make_dev_certs",
     "is_loopback",
     "parse_tcp_url",
     "token_header",
@@ -316,3 +318,62 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return exc.strerror or str(exc) or type(exc).__name__
     return str(exc) or type(exc).__name__
+
+
+DEV_FILES = ("ca.pem", "ca.key", "plugin.pem", "plugin.key", "registry.pem", "registry.key")
+"""What :func:`make_dev_certs` writes."""
+
+
+def make_dev_certs(
+    directory: str | os.PathLike[str], hosts: list[str] | None = None
+) -> dict[str, TLSConfig]:
+    """Make a development CA and certificates in ``directory`` (``goplug tls init``).
+
+    The plugin certificate names ``hosts`` (default: localhost, 127.0.0.1, ::1): every address
+    a plugin announces must be among them. Returns ``{"plugin": ..., "registry": ...}``, the
+    :class:`TLSConfig` of each side. Needs ``trustme`` (``pip install goplug[tls]``); existing
+    files are never overwritten. For development only: the CA key lies beside the certificates.
+    """
+    try:
+        import trustme
+    except ImportError:
+        raise ConfigError(
+            "making development certificates needs trustme: pip install 'goplug[tls]'"
+        ) from None
+    names = hosts or ["localhost", "127.0.0.1", "::1"]
+    root = os.fspath(directory)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    taken = [name for name in DEV_FILES if os.path.exists(os.path.join(root, name))]
+    if taken:
+        raise ConfigError(f"{root} already holds {', '.join(taken)}; not overwriting")
+    ca = trustme.CA(organization_name="goplug development CA")
+    plugin = ca.issue_cert(*names, common_name="goplug plugin")
+    registry = ca.issue_cert("goplug-registry", common_name="goplug registry")
+    contents = {
+        "ca.pem": ca.cert_pem.bytes(),
+        "ca.key": ca.private_key_pem.bytes(),
+        "plugin.pem": b"".join(blob.bytes() for blob in plugin.cert_chain_pems),
+        "plugin.key": plugin.private_key_pem.bytes(),
+        "registry.pem": b"".join(blob.bytes() for blob in registry.cert_chain_pems),
+        "registry.key": registry.private_key_pem.bytes(),
+    }
+    for name, data in contents.items():
+        mode = 0o600 if name.endswith(".key") else 0o644
+        fd = os.open(os.path.join(root, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    return dev_configs(root)
+
+
+def dev_configs(directory: str | os.PathLike[str]) -> dict[str, TLSConfig]:
+    """The :class:`TLSConfig` of each side for a directory made by :func:`make_dev_certs`."""
+    root = os.fspath(directory)
+
+    def side(stem: str) -> TLSConfig:
+        return TLSConfig(
+            ca=os.path.join(root, "ca.pem"),
+            cert=os.path.join(root, f"{stem}.pem"),
+            key=os.path.join(root, f"{stem}.key"),
+        )
+
+    return {"plugin": side("plugin"), "registry": side("registry")}

@@ -13,7 +13,9 @@ import time
 import goplug
 
 
-def build(location: str, name: str, namespace: str = "", lazy: bool = False) -> goplug.Plugin:
+def build(
+    location: str, name: str, namespace: str = "", lazy: bool = False, **options: object
+) -> goplug.Plugin:
     plugin = goplug.Plugin(
         location,
         name,
@@ -21,6 +23,7 @@ def build(location: str, name: str, namespace: str = "", lazy: bool = False) -> 
         lazy_load=lazy,
         activator=lambda data: None,
         stopper=lambda data: b"stopped",
+        **options,  # type: ignore[arg-type]
     )
 
     @plugin.method
@@ -92,11 +95,33 @@ def build(location: str, name: str, namespace: str = "", lazy: bool = False) -> 
     return plugin
 
 
+def network_options(argv: list[str]) -> dict[str, object]:
+    """--url=tcp://H:P --certs=DIR (plugin.pem/plugin.key/ca.pem) --advertise=A --token=T --ttl=S"""
+    given = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    options: dict[str, object] = {}
+    if "url" in given:
+        options["url"] = given["url"]
+    if "certs" in given:
+        from goplug.tls import dev_configs
+
+        options["tls"] = dev_configs(given["certs"])["plugin"]
+    if "advertise" in given:
+        options["advertise"] = given["advertise"]
+    if "token" in given:
+        options["insecure_loopback"] = True
+        options["token"] = given["token"]
+    if "ttl" in given:
+        options["lease_ttl"] = float(given["ttl"])
+    return options
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     location, name = args[0], args[1]
     namespace = args[2] if len(args) > 2 else ""
-    plugin = build(location, name, namespace, lazy="--lazy" in sys.argv)
+    plugin = build(
+        location, name, namespace, lazy="--lazy" in sys.argv, **network_options(sys.argv[1:])
+    )
     plugin.serve_forever()
 
 

@@ -1,0 +1,256 @@
+"""Plugins on TCP: mutual TLS, refusals, plaintext loopback with a token (real sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+import trustme
+from conftest import wait_for
+
+import goplug
+import goplug.aio
+from goplug.errors import ConfigError, PluginConnectionError
+from goplug.tls import TcpTransport, TLSConfig, dev_configs, make_dev_certs
+
+TOKEN = "s3cret-token-for-tests-0123456789"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("certs")
+    make_dev_certs(root)
+    return root
+
+
+def tls_of(certs: Path, side: str) -> TLSConfig:
+    return dev_configs(certs)[side]
+
+
+def url_of(pconf: Path) -> str:
+    return str(json.loads(pconf.read_text())["Url"])
+
+
+def test_plugin_process_over_mutual_tls(plugin_dir, spawn, certs) -> None:
+    plugin = spawn(plugin_dir, "Remote", "Net", "--url=tcp://127.0.0.1:0", f"--certs={certs}")
+    conf = json.loads(plugin.pconf.read_text())
+    assert conf["Url"].startswith("https://127.0.0.1:") and conf["Sock"] == ""
+    with goplug.PluginRegistry(plugin_dir, tls=tls_of(certs, "registry")) as registry:
+        wait_for(lambda: registry.is_loaded("Remote", "Net"))
+        handle = registry.get_plugin("Remote", "Net")
+        assert handle is not None
+        assert handle.execute("Upper", b"over tls") == b"OVER TLS"
+        big = handle.execute("Big", b"%d" % (3 << 20))
+        assert big == b"x" * (3 << 20)
+        assert handle.execute("Echo", b"y" * (1 << 20)) == b"y" * (1 << 20)
+        with pytest.raises(goplug.RemoteError, match="deliberate failure"):
+            handle.execute("Fail", b"tls")
+        got: list[bytes] = []
+        done = threading.Event()
+
+        def on_event(data: bytes) -> None:
+            got.append(data)
+            if len(got) == 200:
+                done.set()
+
+        handle.register_callback(on_event, "events")
+        wait_for(lambda: handle.execute("Callbacks") == b"events")
+        handle.execute("NotifyMany", b"events\n200")
+        assert done.wait(10)
+        assert got == [str(i).encode() for i in range(200)]
+        # Eight threads at once: one pooled TLS connection each.
+        errors: list[BaseException] = []
+
+        def caller(n: int) -> None:
+            try:
+                for i in range(50):
+                    assert handle.execute("Echo", b"%d-%d" % (n, i)) == b"%d-%d" % (n, i)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors
+        plugin.kill()
+        with pytest.raises(PluginConnectionError):
+            handle.execute("Echo", b"gone")
+        wait_for(lambda: handle.state is goplug.PluginState.STOPPED)
+
+
+def test_aio_registry_over_tls(plugin_dir, spawn, certs) -> None:
+    spawn(plugin_dir, "AioRemote", "", "--url=tcp://127.0.0.1:0", f"--certs={certs}")
+
+    async def main() -> None:
+        async with goplug.aio.PluginRegistry(plugin_dir, tls=tls_of(certs, "registry")) as reg:
+            deadline = asyncio.get_running_loop().time() + 5
+            while not reg.is_loaded("AioRemote") and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            handle = reg.get_plugin("AioRemote")
+            assert handle is not None
+            answers = await asyncio.gather(
+                *(handle.execute("Echo", b"%d" % i) for i in range(20))
+            )
+            assert answers == [b"%d" % i for i in range(20)]
+            assert await handle.execute("Echo", b"z" * (2 << 20)) == b"z" * (2 << 20)
+
+    asyncio.run(main())
+
+
+def test_client_without_certificate_is_refused(plugin_dir, spawn, certs) -> None:
+    plugin = spawn(plugin_dir, "Guarded", "", "--url=tcp://127.0.0.1:0", f"--certs={certs}")
+    port = int(url_of(plugin.pconf).rsplit(":", 1)[1])
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        # With TLS 1.3 the client's handshake ends before the server checks it: the refusal
+        # shows on the first request.
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):  # noqa: PT012
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls_sock:
+                tls_sock.sendall(b"POST /Echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+                assert tls_sock.recv(100) == b""  # nothing but a refusal may come back
+                raise ConnectionResetError("closed without an answer")
+    # A registry without a client certificate fails with a typed error, not a hang.
+    with goplug.PluginRegistry(plugin_dir, auto_discover=False) as registry:
+        with pytest.raises(ConfigError, match="no certificates"):
+            registry.load_plugin("Guarded")
+
+
+def test_certificate_from_another_ca_is_refused_both_ways(plugin_dir, spawn, certs) -> None:
+    spawn(plugin_dir, "Picky", "", "--url=tcp://127.0.0.1:0", f"--certs={certs}")
+    other = trustme.CA()
+    leaf = other.issue_cert("127.0.0.1", "goplug-registry")
+    stranger = TLSConfig(
+        ca=other.cert_pem.bytes(),
+        cert=leaf.cert_chain_pems[0].bytes(),
+        key=leaf.private_key_pem.bytes(),
+    )
+    with goplug.PluginRegistry(plugin_dir, auto_discover=False, tls=stranger) as registry:
+        with pytest.raises(PluginConnectionError, match="TLS handshake"):
+            registry.load_plugin("Picky")
+    # The registry's CA right, its own certificate from a stranger: the plugin refuses it.
+    half = TLSConfig(
+        ca=certs / "ca.pem", cert=leaf.cert_chain_pems[0].bytes(), key=leaf.private_key_pem.bytes()
+    )
+    with goplug.PluginRegistry(plugin_dir, auto_discover=False, tls=half) as registry:
+        with pytest.raises(PluginConnectionError):
+            registry.load_plugin("Picky")
+
+
+def test_plugin_certificate_must_name_the_announced_host(plugin_dir, tmp_path) -> None:
+    made = make_dev_certs(tmp_path / "c", hosts=["plugin.example"])
+    plugin = goplug.Plugin(
+        plugin_dir, "Named", url="tcp://127.0.0.1:0", tls=made["plugin"], activator=None
+    )
+    plugin.register_method(lambda data: data, "Echo")
+    with plugin:
+        with goplug.PluginRegistry(plugin_dir, auto_discover=False, tls=made["registry"]) as reg:
+            with pytest.raises(PluginConnectionError, match="TLS handshake"):
+                reg.load_plugin("Named")
+        registry_side = made["registry"]
+        renamed = TLSConfig(
+            registry_side.ca, registry_side.cert, registry_side.key, server_name="plugin.example"
+        )
+        with goplug.PluginRegistry(plugin_dir, auto_discover=False, tls=renamed) as reg:
+            assert reg.load_plugin("Named").execute("Echo", b"ok") == b"ok"
+
+
+def test_silent_connection_does_not_hold_others(plugin_dir, spawn, certs) -> None:
+    plugin = spawn(plugin_dir, "Busy", "", "--url=tcp://127.0.0.1:0", f"--certs={certs}")
+    port = int(url_of(plugin.pconf).rsplit(":", 1)[1])
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(5)]
+    garbage = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        garbage.sendall(b"GET / HTTP/1.1\r\n\r\n" * 10)  # plaintext to a TLS port
+        try:
+            answer = garbage.recv(100)
+        except ConnectionResetError:
+            answer = b""
+        assert not answer.startswith(b"HTTP/")  # refused (at most a TLS alert), never served
+        with goplug.PluginRegistry(plugin_dir, tls=tls_of(certs, "registry")) as registry:
+            wait_for(lambda: registry.is_loaded("Busy"))
+            handle = registry.get_plugin("Busy")
+            assert handle is not None
+            assert handle.execute("Echo", b"still served") == b"still served"
+    finally:
+        for s in [*silent, garbage]:
+            s.close()
+
+
+def test_insecure_loopback_needs_the_token(plugin_dir, spawn) -> None:
+    spawn(plugin_dir, "Plain", "", "--url=tcp://127.0.0.1:0", f"--token={TOKEN}")
+    with goplug.PluginRegistry(plugin_dir, insecure_loopback=True, token=TOKEN) as registry:
+        wait_for(lambda: registry.is_loaded("Plain"))
+        handle = registry.get_plugin("Plain")
+        assert handle is not None
+        assert handle.execute("Upper", b"plain") == b"PLAIN"
+    wrong = "another-token-of-enough-length"
+    with goplug.PluginRegistry(
+        plugin_dir, auto_discover=False, insecure_loopback=True, token=wrong
+    ) as registry:
+        with pytest.raises(PluginConnectionError, match="refused this registry"):
+            registry.load_plugin("Plain")
+    with goplug.PluginRegistry(plugin_dir, auto_discover=False) as registry:
+        with pytest.raises(ConfigError, match="insecure_loopback"):
+            registry.load_plugin("Plain")
+
+
+def test_plaintext_is_refused_off_loopback(plugin_dir) -> None:
+    with pytest.raises(ConfigError, match="insecure_loopback needs a shared token"):
+        goplug.Plugin(plugin_dir, "NoToken", url="tcp://127.0.0.1:0", insecure_loopback=True)
+    with pytest.raises(ConfigError, match="needs mutual TLS"):
+        goplug.Plugin(plugin_dir, "NoTls", url="tcp://127.0.0.1:0")
+    wide = goplug.Plugin(
+        plugin_dir,
+        "Wide",
+        url="tcp://0.0.0.0:0",
+        advertise="127.0.0.1",
+        insecure_loopback=True,
+        token=TOKEN,
+    )
+    with pytest.raises(ConfigError, match="only loopback"):
+        wide.start()
+    # A plaintext announcement pointing off loopback is refused before anything is sent.
+    transport = TcpTransport(None, insecure_loopback=True, token=TOKEN)
+    with pytest.raises(ConfigError, match="not a loopback address"):
+        transport.connect("192.0.2.1:80", 1.0)
+
+
+def test_all_interfaces_need_an_advertised_address(plugin_dir, certs) -> None:
+    with pytest.raises(ConfigError, match="advertise"):
+        goplug.Plugin(plugin_dir, "Any", url="tcp://0.0.0.0:0", tls=tls_of(certs, "plugin"))
+    plugin = goplug.Plugin(
+        plugin_dir,
+        "Any",
+        url="tcp://0.0.0.0:0",
+        advertise="127.0.0.1",
+        tls=tls_of(certs, "plugin"),
+    )
+    with plugin:
+        assert plugin.announced_url.startswith("https://127.0.0.1:")
+
+
+def test_tls_config_errors_are_clear(tmp_path, certs) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        TLSConfig(tmp_path / "none.pem", certs / "plugin.pem", certs / "plugin.key").pem()
+    with pytest.raises(ConfigError, match="not PEM"):
+        TLSConfig(b"garbage", certs / "plugin.pem", certs / "plugin.key").pem()
+    mismatched = TLSConfig(certs / "ca.pem", certs / "plugin.pem", certs / "registry.key")
+    with pytest.raises(ConfigError, match="do not match"):
+        mismatched.server_context()
+    with pytest.raises(ConfigError, match="already holds"):
+        make_dev_certs(certs)
+    in_memory = TLSConfig(
+        (certs / "ca.pem").read_bytes(),
+        (certs / "plugin.pem").read_bytes(),
+        (certs / "plugin.key").read_bytes(),
+    )
+    assert in_memory.client_context().verify_mode is ssl.CERT_REQUIRED
+    for name in ("ca.key", "plugin.key", "registry.key"):
+        assert (certs / name).stat().st_mode & 0o077 == 0
