@@ -80,7 +80,8 @@ def test_plugin_process_over_mutual_tls(plugin_dir, spawn, certs) -> None:
             t.join(30)
         assert not errors
         plugin.kill()
-        with pytest.raises(PluginConnectionError):
+        # Either the call finds the connection gone, or the registry noticed first.
+        with pytest.raises((PluginConnectionError, goplug.PluginNotLoaded)):
             handle.execute("Echo", b"gone")
         wait_for(lambda: handle.state is goplug.PluginState.STOPPED)
 
@@ -95,9 +96,7 @@ def test_aio_registry_over_tls(plugin_dir, spawn, certs) -> None:
                 await asyncio.sleep(0.01)
             handle = reg.get_plugin("AioRemote")
             assert handle is not None
-            answers = await asyncio.gather(
-                *(handle.execute("Echo", b"%d" % i) for i in range(20))
-            )
+            answers = await asyncio.gather(*(handle.execute("Echo", b"%d" % i) for i in range(20)))
             assert answers == [b"%d" % i for i in range(20)]
             assert await handle.execute("Echo", b"z" * (2 << 20)) == b"z" * (2 << 20)
 
@@ -111,15 +110,19 @@ def test_client_without_certificate_is_refused(plugin_dir, spawn, certs) -> None
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         # With TLS 1.3 the client's handshake ends before the server checks it: the refusal
         # shows on the first request.
-        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):  # noqa: PT012
+        try:
             with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls_sock:
                 tls_sock.sendall(b"POST /Echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
-                assert tls_sock.recv(100) == b""  # nothing but a refusal may come back
-                raise ConnectionResetError("closed without an answer")
+                answer = tls_sock.recv(100)
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as exc:
+            answer = repr(exc).encode()
+        assert not answer.startswith(b"HTTP/"), answer
     # A registry without a client certificate fails with a typed error, not a hang.
-    with goplug.PluginRegistry(plugin_dir, auto_discover=False) as registry:
-        with pytest.raises(ConfigError, match="no certificates"):
-            registry.load_plugin("Guarded")
+    with (
+        goplug.PluginRegistry(plugin_dir, auto_discover=False) as registry,
+        pytest.raises(ConfigError, match="no certificates"),
+    ):
+        registry.load_plugin("Guarded")
 
 
 def test_certificate_from_another_ca_is_refused_both_ways(plugin_dir, spawn, certs) -> None:
@@ -131,16 +134,20 @@ def test_certificate_from_another_ca_is_refused_both_ways(plugin_dir, spawn, cer
         cert=leaf.cert_chain_pems[0].bytes(),
         key=leaf.private_key_pem.bytes(),
     )
-    with goplug.PluginRegistry(plugin_dir, auto_discover=False, tls=stranger) as registry:
-        with pytest.raises(PluginConnectionError, match="TLS handshake"):
-            registry.load_plugin("Picky")
+    with (
+        goplug.PluginRegistry(plugin_dir, auto_discover=False, tls=stranger) as registry,
+        pytest.raises(PluginConnectionError, match="TLS handshake"),
+    ):
+        registry.load_plugin("Picky")
     # The registry's CA right, its own certificate from a stranger: the plugin refuses it.
     half = TLSConfig(
         ca=certs / "ca.pem", cert=leaf.cert_chain_pems[0].bytes(), key=leaf.private_key_pem.bytes()
     )
-    with goplug.PluginRegistry(plugin_dir, auto_discover=False, tls=half) as registry:
-        with pytest.raises(PluginConnectionError):
-            registry.load_plugin("Picky")
+    with (
+        goplug.PluginRegistry(plugin_dir, auto_discover=False, tls=half) as registry,
+        pytest.raises(PluginConnectionError),
+    ):
+        registry.load_plugin("Picky")
 
 
 def test_plugin_certificate_must_name_the_announced_host(plugin_dir, tmp_path) -> None:
@@ -150,9 +157,11 @@ def test_plugin_certificate_must_name_the_announced_host(plugin_dir, tmp_path) -
     )
     plugin.register_method(lambda data: data, "Echo")
     with plugin:
-        with goplug.PluginRegistry(plugin_dir, auto_discover=False, tls=made["registry"]) as reg:
-            with pytest.raises(PluginConnectionError, match="TLS handshake"):
-                reg.load_plugin("Named")
+        with (
+            goplug.PluginRegistry(plugin_dir, auto_discover=False, tls=made["registry"]) as reg,
+            pytest.raises(PluginConnectionError, match="TLS handshake"),
+        ):
+            reg.load_plugin("Named")
         registry_side = made["registry"]
         renamed = TLSConfig(
             registry_side.ca, registry_side.cert, registry_side.key, server_name="plugin.example"
@@ -191,14 +200,18 @@ def test_insecure_loopback_needs_the_token(plugin_dir, spawn) -> None:
         assert handle is not None
         assert handle.execute("Upper", b"plain") == b"PLAIN"
     wrong = "another-token-of-enough-length"
-    with goplug.PluginRegistry(
-        plugin_dir, auto_discover=False, insecure_loopback=True, token=wrong
-    ) as registry:
-        with pytest.raises(PluginConnectionError, match="refused this registry"):
-            registry.load_plugin("Plain")
-    with goplug.PluginRegistry(plugin_dir, auto_discover=False) as registry:
-        with pytest.raises(ConfigError, match="insecure_loopback"):
-            registry.load_plugin("Plain")
+    with (
+        goplug.PluginRegistry(
+            plugin_dir, auto_discover=False, insecure_loopback=True, token=wrong
+        ) as registry,
+        pytest.raises(PluginConnectionError, match="refused this registry"),
+    ):
+        registry.load_plugin("Plain")
+    with (
+        goplug.PluginRegistry(plugin_dir, auto_discover=False) as registry,
+        pytest.raises(ConfigError, match="insecure_loopback"),
+    ):
+        registry.load_plugin("Plain")
 
 
 def test_plaintext_is_refused_off_loopback(plugin_dir) -> None:
