@@ -267,3 +267,28 @@ def test_tls_config_errors_are_clear(tmp_path, certs) -> None:
     assert in_memory.client_context().verify_mode is ssl.CERT_REQUIRED
     for name in ("ca.key", "plugin.key", "registry.key"):
         assert (certs / name).stat().st_mode & 0o077 == 0
+
+
+def test_cli_reaches_plugins_on_tcp(plugin_dir, spawn, certs, tmp_path) -> None:
+    from test_cli import goplug as run_goplug
+
+    spawn(plugin_dir, "Cli", "Net", "--url=tcp://127.0.0.1:0", f"--certs={certs}")
+    listed = run_goplug("ls", str(plugin_dir), "--json", "--tls", str(certs))
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = json.loads(listed.stdout)
+    assert entry["state"] == "live" and "Upper" in entry["methods"]
+    assert entry["sock"].startswith("https://127.0.0.1:")
+    bare = run_goplug("ls", str(plugin_dir), "--json")
+    (entry,) = json.loads(bare.stdout)
+    assert entry["state"].startswith("unreachable") and "--tls" in entry["state"]
+    called = run_goplug("call", str(plugin_dir), "Cli@Net", "Upper", "hi", "--tls", str(certs))
+    assert called.returncode == 0 and called.stdout == b"HI", called.stderr
+    refused = run_goplug("call", str(plugin_dir), "Cli@Net", "Upper", "hi")
+    assert refused.returncode != 0 and b"tls=TLSConfig" in refused.stderr
+    made = run_goplug("tls", "init", str(tmp_path / "fresh"), "--host", "10.0.0.5")
+    assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == sorted(
+        ["ca.pem", "ca.key", "plugin.pem", "plugin.key", "registry.pem", "registry.key"]
+    )
+    again = run_goplug("tls", "init", str(tmp_path / "fresh"))
+    assert again.returncode != 0 and b"not overwriting" in again.stderr

@@ -53,7 +53,7 @@ from goplug.errors import (
 from goplug.launcher import LaunchSettings, PluginProcess
 from goplug.plugin import Plugin, serve
 from goplug.registry import PluginEvent, PluginHandle, PluginRegistry, RegistrySettings
-from goplug.transport import UnixTransport, check_owner
+from goplug.transport import Transport, UnixTransport, check_owner
 from goplug.wire import routes
 from goplug.wire.pconf import MAX_PCONF_BYTES, PluginConf, file_stem, parse_pconf
 
@@ -119,15 +119,65 @@ def _split_identity(text: str) -> tuple[str, str]:
     return name, namespace
 
 
-def _plugin_dir(text: str) -> str:
-    """Return the absolute plugin directory; refuse one that does not exist.
+def _is_etcd(location: str) -> bool:
+    return location.startswith(("etcd://", "etcds://"))
 
-    A registry would create a missing directory; a command that only looks must not.
+
+def _plugin_dir(text: str) -> str:
+    """Return the absolute plugin directory (or an etcd location as given).
+
+    A registry would create a missing directory; a command that only looks must refuse one.
     """
+    if _is_etcd(text):
+        return text
     path = os.path.abspath(text)
     if not os.path.isdir(path):
         raise CommandError(f"no such plugin directory: {text}")
     return path
+
+
+_NETWORK: dict[str, object] = {}  # tls / insecure_loopback / token from the command line
+
+
+def _network_options(args: argparse.Namespace) -> dict[str, object]:
+    """Registry keyword arguments for plugins on TCP, from --tls, --ca/--cert/--key, --token."""
+    options: dict[str, object] = {}
+    tls_dir = getattr(args, "tls", None)
+    ca, cert, key = (getattr(args, n, None) for n in ("ca", "cert", "key"))
+    if tls_dir:
+        from goplug.tls import dev_configs
+
+        options["tls"] = dev_configs(tls_dir)["registry"]
+    elif ca or cert or key:
+        if not (ca and cert and key):
+            raise CommandError("--ca, --cert and --key go together")
+        from goplug.tls import TLSConfig
+
+        options["tls"] = TLSConfig(ca=ca, cert=cert, key=key)
+    token = getattr(args, "token", None) or os.environ.get("GOPLUG_TOKEN", "")
+    if getattr(args, "insecure_loopback", False):
+        options["insecure_loopback"] = True
+        options["token"] = token
+    return options
+
+
+def _transport_for(conf: PluginConf) -> Transport:
+    """The transport ``goplug ls`` probes a plugin with (see PluginRegistry for the rules)."""
+    if not conf.remote:
+        return UnixTransport()
+    from goplug.tls import TcpTransport, TLSConfig
+
+    tls = _NETWORK.get("tls")
+    if conf.url.startswith("https://"):
+        if not isinstance(tls, TLSConfig):
+            raise ConfigError(f"{conf.url}: TLS certificates are needed (--tls DIR)")
+        return TcpTransport(tls)
+    if not _NETWORK.get("insecure_loopback"):
+        raise ConfigError(f"{conf.url}: plaintext needs --insecure-loopback and the token")
+    token = _NETWORK.get("token")
+    return TcpTransport(
+        None, insecure_loopback=True, token=token if isinstance(token, str) else None
+    )
 
 
 def _client_settings(timeout: float | None) -> ClientSettings:
@@ -163,6 +213,39 @@ def _describe(exc: GoPlugError) -> str:
             text += f": {exc.remote_message}"
         return f"the plugin's method raised {text}"
     return " ".join(str(exc).split())
+
+
+def _add_network(p: argparse.ArgumentParser) -> None:
+    """Options for plugins on other hosts (docs/MULTIHOST.md)."""
+    group = p.add_argument_group("plugins on TCP")
+    group.add_argument(
+        "--tls", metavar="CERTDIR", help="certificates made by 'goplug tls init CERTDIR'"
+    )
+    group.add_argument("--ca", metavar="PEM", help="CA certificate (with --cert and --key)")
+    group.add_argument("--cert", metavar="PEM", help="this side's certificate")
+    group.add_argument("--key", metavar="PEM", help="this side's private key")
+    group.add_argument(
+        "--insecure-loopback",
+        action="store_true",
+        help="allow plaintext plugins on loopback (token from --token or $GOPLUG_TOKEN)",
+    )
+    group.add_argument("--token", help="shared token of plaintext loopback plugins")
+
+
+def cmd_tls_init(args: argparse.Namespace) -> int:
+    """``goplug tls init``: make a development CA and certificates."""
+    from goplug.tls import make_dev_certs
+
+    made = make_dev_certs(args.certdir, args.host or None)
+    root = os.path.abspath(args.certdir)
+    print(f"wrote a development CA and certificates in {root}")
+    for side, config in made.items():
+        print(f"  {side}: TLSConfig(ca={config.ca!r}, cert={config.cert!r}, key={config.key!r})")
+    print(
+        "  the plugin certificate names: "
+        + ", ".join(args.host or ["localhost", "127.0.0.1", "::1"])
+    )
+    return 0
 
 
 # -- goplug ls -------------------------------------------------------------------------------------
@@ -212,17 +295,57 @@ def _inspect(path: str, timeout: float, activate_lazy: bool) -> _Entry:
         entry.uptime, entry.restarts = max(0.0, time.time() - record.started), record.restarts
         if entry.pid is None:  # a plugin that does not write Pid (GoPlug 0.1.0): the launcher knows
             entry.pid = record.pid
-    if not os.path.lexists(conf.sock):
+    if conf.remote:
+        entry.sock = conf.url
+    elif not os.path.lexists(conf.sock):
         entry.state = "stale"
         entry.extra["reason"] = "the socket file is missing"
         return entry
+    else:
+        try:
+            check_owner(conf.sock, allowed, "socket", want_socket=True)
+        except ConfigError as exc:
+            entry.state = f"broken: {exc.reason}"
+            return entry
+    entry.state, entry.methods = _probe(conf, timeout, activate=activate_lazy or not conf.lazy_load)
+    return entry
+
+
+def _inspect_conf(key: str, data: bytes, timeout: float, activate_lazy: bool) -> _Entry:
+    """Parse one announcement read from etcd and probe its plugin."""
+    entry = _Entry(file=key)
     try:
-        check_owner(conf.sock, allowed, "socket", want_socket=True)
+        conf = parse_pconf(data, key)
     except ConfigError as exc:
         entry.state = f"broken: {exc.reason}"
         return entry
+    entry.name, entry.namespace, entry.sock = conf.name, conf.namespace, conf.url
+    entry.pid, entry.lazy = conf.pid, conf.lazy_load
     entry.state, entry.methods = _probe(conf, timeout, activate=activate_lazy or not conf.lazy_load)
     return entry
+
+
+def _etcd_announcements(location: str, timeout: float) -> list[tuple[str, bytes]]:
+    """Every (key, document) under an etcd location, read once."""
+    from goplug.etcd import EtcdDiscovery, parse_etcd_location
+
+    keys: list[str] = []
+    tls = _NETWORK.get("etcd_tls") or _NETWORK.get("tls")
+    discovery = EtcdDiscovery(
+        parse_etcd_location(location),
+        lambda changed, removed: keys.extend(changed),
+        tls=tls,  # type: ignore[arg-type]
+    )
+    try:
+        discovery.scan()
+        found = []
+        for key in sorted(keys):
+            with contextlib.suppress(ConfigError):
+                found.append((key, discovery.read(key)))
+        return found
+    finally:
+        discovery.stop()
+        discovery.join(timeout)
 
 
 @dataclass(frozen=True)
@@ -307,7 +430,11 @@ def _format_uptime(seconds: float) -> str:
 
 def _probe(conf: PluginConf, timeout: float, activate: bool) -> tuple[str, list[str] | None]:
     """Return (state, methods): `/Activate` the plugin, or only connect if ``activate`` is False."""
-    client = PluginClient(conf, UnixTransport(), _client_settings(timeout))
+    try:
+        transport = _transport_for(conf)
+    except ConfigError as exc:
+        return f"unreachable: {exc.reason}", None
+    client = PluginClient(conf, transport, _client_settings(timeout))
     try:
         if not activate:
             client.connect().close()
@@ -345,9 +472,19 @@ def _format_table(rows: list[list[str]], out: TextIO) -> None:
 def cmd_ls(args: argparse.Namespace) -> int:
     """``goplug ls``: list the plugins announced in a directory."""
     directory = _plugin_dir(args.dir)
-    paths = _announce_files(directory, args.ext)
+    _NETWORK.update(_network_options(args))
     with ThreadPoolExecutor(max_workers=8) as pool:
-        entries = list(pool.map(lambda p: _inspect(p, args.timeout, args.activate_lazy), paths))
+        if _is_etcd(directory):
+            found = _etcd_announcements(directory, args.timeout)
+            entries = list(
+                pool.map(
+                    lambda kd: _inspect_conf(kd[0], kd[1], args.timeout, args.activate_lazy),
+                    found,
+                )
+            )
+        else:
+            paths = _announce_files(directory, args.ext)
+            entries = list(pool.map(lambda p: _inspect(p, args.timeout, args.activate_lazy), paths))
     entries.sort(key=lambda e: (e.name == "", e.namespace, e.name, e.file))
     if args.json:
         items = [
@@ -400,7 +537,12 @@ def _load(
     """Open a registry without auto discovery and load one plugin (close it, never unload)."""
     name, namespace = _split_identity(target)
     settings = RegistrySettings(client=_client_settings(timeout))
-    registry = PluginRegistry(directory, auto_discover=False, settings=settings)
+    registry = PluginRegistry(
+        directory,
+        auto_discover=False,
+        settings=settings,
+        **_NETWORK,  # type: ignore[arg-type]
+    )
     try:
         return registry, registry.load_plugin(name, namespace)
     except BaseException:
@@ -420,6 +562,7 @@ def _read_input(args: argparse.Namespace) -> bytes:
 def cmd_call(args: argparse.Namespace) -> int:
     """``goplug call``: call one method and write its raw output to stdout."""
     directory = _plugin_dir(args.dir)
+    _NETWORK.update(_network_options(args))
     data = _read_input(args)
     registry, handle = _load(directory, args.plugin, args.timeout)
     try:
@@ -445,6 +588,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 def cmd_ping(args: argparse.Namespace) -> int:
     """``goplug ping``: measure the round-trip time to a plugin."""
     directory = _plugin_dir(args.dir)
+    _NETWORK.update(_network_options(args))
     registry, handle = _load(directory, args.plugin, args.timeout)
     times: list[float] = []
     try:
@@ -522,7 +666,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     watcher = _Watcher(sys.stdout)
-    registry = PluginRegistry(directory, auto_discover=True, conf_ext=args.ext)
+    registry = PluginRegistry(
+        directory,
+        auto_discover=True,
+        conf_ext=args.ext,
+        **_network_options(args),  # type: ignore[arg-type]
+    )
     try:
         registry.add_listener(watcher.on_event)
         watcher.show_present(registry)
@@ -973,7 +1122,9 @@ def build_parser() -> argparse.ArgumentParser:
         "unless --activate-lazy.",
         "examples:\n  goplug ls\n  goplug ls ./plugins --json",
     )
-    p.add_argument("dir", nargs="?", default=".", metavar="DIR", help="plugin directory (.)")
+    p.add_argument(
+        "dir", nargs="?", default=".", metavar="DIR", help="plugin directory (.), or etcd://..."
+    )
     p.add_argument("--ext", default=".pconf", help="announce file extension (.pconf)")
     p.add_argument("--timeout", type=_positive_float, default=2.0, help="seconds per plugin (2)")
     p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
@@ -982,7 +1133,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also send /Activate to lazy plugins to list their methods",
     )
+    _add_network(p)
     p.set_defaults(func=cmd_ls)
+
+    p = add(
+        "tls",
+        "make development certificates for plugins on TCP",
+        "'goplug tls init CERTDIR' makes a development CA (ca.pem, ca.key) and two\n"
+        "certificates signed by it: plugin.pem/plugin.key, naming every --host (default\n"
+        "localhost, 127.0.0.1 and ::1), and registry.pem/registry.key. Existing files are never\n"
+        "overwritten. Keep ca.key away from production: anyone holding it can join.",
+        "examples:\n  goplug tls init ./certs\n"
+        "  goplug tls init ./certs --host 10.0.0.5 --host plugins.lan",
+    )
+    p.add_argument("action", choices=["init"], help="what to do (init)")
+    p.add_argument("certdir", metavar="CERTDIR", help="where to write the files")
+    p.add_argument(
+        "--host", action="append", metavar="NAME", help="a name or address plugins announce"
+    )
+    p.set_defaults(func=cmd_tls_init)
 
     p = add(
         "call",
@@ -995,13 +1164,14 @@ def build_parser() -> argparse.ArgumentParser:
         "  goplug call ./plugins Echo@Node Reverse - < input.bin > output.bin\n"
         "  goplug call ./plugins Worker Crunch '{\"n\": 3}' --timeout 120",
     )
-    p.add_argument("dir", metavar="DIR", help="plugin directory")
+    p.add_argument("dir", metavar="DIR", help="plugin directory, or etcd://HOST:PORT/PREFIX")
     p.add_argument("plugin", metavar="NAME[@NAMESPACE]", help="the plugin")
     p.add_argument("method", metavar="METHOD", help="the method to call")
     p.add_argument("data", nargs="?", metavar="DATA", help="input text, or - for stdin")
     p.add_argument(
         "--timeout", type=_positive_float, default=None, help="seconds to wait per step (30)"
     )
+    _add_network(p)
     p.set_defaults(func=cmd_call)
 
     p = add(
@@ -1010,10 +1180,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Load NAME[@NAMESPACE] from DIR and ping it (/Ping); print each round-trip time.",
         "examples:\n  goplug ping ./plugins Do@Test\n  goplug ping ./plugins Echo@Node -c 10",
     )
-    p.add_argument("dir", metavar="DIR", help="plugin directory")
+    p.add_argument("dir", metavar="DIR", help="plugin directory, or etcd://HOST:PORT/PREFIX")
     p.add_argument("plugin", metavar="NAME[@NAMESPACE]", help="the plugin")
     p.add_argument("-c", "--count", type=_positive_int, default=1, help="number of pings (1)")
     p.add_argument("--timeout", type=_positive_float, default=2.0, help="seconds per ping (2)")
+    _add_network(p)
     p.set_defaults(func=cmd_ping)
 
     p = add(
@@ -1024,8 +1195,9 @@ def build_parser() -> argparse.ArgumentParser:
         "their methods; on exit the command disconnects without unloading them.",
         "examples:\n  goplug watch ./plugins",
     )
-    p.add_argument("dir", metavar="DIR", help="plugin directory")
+    p.add_argument("dir", metavar="DIR", help="plugin directory, or etcd://HOST:PORT/PREFIX")
     p.add_argument("--ext", default=".pconf", help="announce file extension (.pconf)")
+    _add_network(p)
     p.set_defaults(func=cmd_watch)
 
     p = add(

@@ -28,8 +28,8 @@ __all__ = [
     "TLSConfig",
     "TcpTransport",
     "dev_configs",
-    "make_dev_certs",
     "is_loopback",
+    "make_dev_certs",
     "parse_tcp_url",
     "token_header",
 ]
@@ -341,7 +341,7 @@ def make_dev_certs(
             "making development certificates needs trustme: pip install 'goplug[tls]'"
         ) from None
     names = hosts or ["localhost", "127.0.0.1", "::1"]
-    root = os.fspath(directory)
+    root = os.path.abspath(os.fspath(directory))
     os.makedirs(root, mode=0o700, exist_ok=True)
     taken = [name for name in DEV_FILES if os.path.exists(os.path.join(root, name))]
     if taken:
@@ -367,7 +367,7 @@ def make_dev_certs(
 
 def dev_configs(directory: str | os.PathLike[str]) -> dict[str, TLSConfig]:
     """The :class:`TLSConfig` of each side for a directory made by :func:`make_dev_certs`."""
-    root = os.fspath(directory)
+    root = os.path.abspath(os.fspath(directory))
 
     def side(stem: str) -> TLSConfig:
         return TLSConfig(
