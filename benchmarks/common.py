@@ -48,6 +48,7 @@ class RowContext:
     pinned: bool = False
     core: int = 0
     aio_loop: str = "asyncio"
+    certs: str = ""  # the run's certificate dir (see write_certs); "" = the row makes its own
 
     @property
     def size(self) -> int:
@@ -198,8 +199,10 @@ def pyc_env(cache_dir: str) -> dict[str, str]:
     return env
 
 
-def wait_ready_line(procs: Procs, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    """Wait for the child to print its "ready" line on stdout (it does so once it listens)."""
+def wait_ready_line(procs: Procs, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> str:
+    """Wait for the child to print its "ready" line on stdout (it does so once it listens).
+
+    Returns the line; a TCP server says which port it bound: ``ready PORT``."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     deadline = time.monotonic() + timeout
@@ -216,6 +219,37 @@ def wait_ready_line(procs: Procs, proc: subprocess.Popen[bytes], timeout: float 
             buf += chunk
     if not buf.startswith(b"ready"):
         raise Skip(f"unexpected server output {buf[:80]!r}")
+    return buf.split(b"\n", 1)[0].decode(errors="replace")
+
+
+# --------------------------------------------------------------------------- certificates
+
+CERT_FILES = ("ca.pem", "plugin.pem", "plugin.key", "registry.pem", "registry.key")
+
+
+def write_certs(directory: str) -> None:
+    """A CA and two leaf certificates for 127.0.0.1 and localhost, made with trustme: the
+    server side (``plugin.pem``/``plugin.key``) and the client side (``registry.pem``/
+    ``registry.key``); each leaf serves for client and server auth. ECDSA P-256, trustme's
+    default. Every TLS row of a run uses the same files (run.py makes them once)."""
+    try:
+        import trustme
+    except ImportError as exc:
+        raise Skip(f"trustme not importable: {exc}") from exc
+    ca = trustme.CA()
+    files = {"ca.pem": ca.cert_pem.bytes()}
+    for side in ("plugin", "registry"):
+        leaf = ca.issue_cert("127.0.0.1", "localhost")
+        files[f"{side}.pem"] = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+        files[f"{side}.key"] = leaf.private_key_pem.bytes()
+    for name, data in files.items():
+        fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+
+def has_certs(directory: str) -> bool:
+    return bool(directory) and all(os.path.exists(os.path.join(directory, n)) for n in CERT_FILES)
 
 
 def wait_until(

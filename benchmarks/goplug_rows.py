@@ -160,12 +160,17 @@ class Tracker:
             return self.times.get((kind, namespace, name))
 
     def wait(
-        self, kind: str, name: str, timeout: float, poll: Callable[[], bool] | None = None
+        self,
+        kind: str,
+        name: str,
+        timeout: float,
+        poll: Callable[[], bool] | None = None,
+        namespace: str = "",
     ) -> int | None:
         """Time of the event, waiting up to ``timeout`` s. ``poll`` is a fallback checked every
         20 ms in case the event never comes (its time is then when the poll saw it)."""
         deadline = time.monotonic() + timeout
-        key = (kind, "", name)
+        key = (kind, namespace, name)
         with self.cond:
             while key not in self.times:
                 left = deadline - time.monotonic()

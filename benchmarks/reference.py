@@ -105,9 +105,12 @@ def serve_raw(path: str) -> None:
 class RawClient:
     """One connection: each call sends a prebuilt frame, reads the echo into a reused buffer."""
 
-    def __init__(self, path: str, size: int) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
+    def __init__(self, path: str | socket.socket, size: int) -> None:
+        if isinstance(path, socket.socket):  # a connected socket (raw-tls: an SSLSocket)
+            self.sock = path
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(path)
         self.buf = bytearray(max(CHUNK, 4 + size))
         self.view = memoryview(self.buf)
 

@@ -48,6 +48,13 @@ SUBJECTS = (
     ("goplug-aio", "aio", "goplug_rows", "rtt_aio"),
     ("goplug-node", "node", "goplug_rows", "rtt_node"),
 )
+# Round trips over TCP + mutual TLS on loopback (tls_rows.py): (subject, group, function) and
+# the (payload, callers) each is measured with; raw-tls is the floor of the goplug-tls rows.
+TLS_SUBJECTS = (
+    ("raw-tls", "reference", "rtt_raw_tls", (("64B", 1), ("64B", 8), ("1MiB", 1))),
+    ("grpc-tls", "reference", "rtt_grpc_tls", (("64B", 1),)),
+    ("goplug-tls", "tls", "rtt_goplug_tls", (("64B", 1), ("64B", 8), ("1MiB", 1))),
+)
 NUMERIC_FIELDS = ("p50_us", "p99_us", "calls_per_s", "mb_per_s")
 NO_SPREAD = ("samples", "loaded", "notifications")
 BUSY = 0.25  # cores used by other processes during a row, above which the table flags it
@@ -68,6 +75,11 @@ QUICK_ROWS = (
     "goplug-launch-cold-start",
     "goplug-launch-flood",
     "goplug-launch-flood-1core",
+    "raw-tls-64B-1",
+    "grpc-tls-64B-1",
+    "goplug-tls-64B-1",
+    "etcd-watch",
+    "etcd-discovery",
 )
 # Figures of a row given as ratios to a figure of the same run (the row's own, or another
 # row's): (row, metric, reference row, reference metric, key in the row's "ratios").
@@ -101,7 +113,7 @@ RATIOS = (
 @dataclass(frozen=True)
 class RowSpec:
     name: str
-    group: str  # reference | goplug | aio | node | launch: decides the up-front skip checks
+    group: str  # reference | goplug | aio | node | launch | tls | etcd: up-front skip checks
     module: str
     func: str
     pinned: bool
@@ -135,6 +147,31 @@ def all_rows() -> list[RowSpec]:
                         headline=headline,
                     )
                 )
+    for payload, callers in (("64B", 1), ("64B", 8), ("1MiB", 1)):
+        for subject, group, func, configs in TLS_SUBJECTS:
+            if (payload, callers) not in configs:
+                continue
+            if payload in BULK:
+                headline = "mb_per_s"
+            else:
+                headline = "p50_us" if callers == 1 else "calls_per_s"
+            rows.append(
+                RowSpec(
+                    name=f"{subject}-{payload}-{callers}",
+                    group=group,
+                    module="tls_rows",
+                    func=func,
+                    pinned=payload not in BULK,
+                    subject=subject,
+                    payload=payload,
+                    callers=callers,
+                    headline=headline,
+                )
+            )
+    rows += [
+        RowSpec("etcd-watch", "reference", "etcd_rows", "watch", True),
+        RowSpec("etcd-discovery", "etcd", "etcd_rows", "discovery", True),
+    ]
     rows += [
         RowSpec("goplug-callback", "goplug", "goplug_rows", "callback", True),
         RowSpec("goplug-discovery", "goplug", "goplug_rows", "discovery", True),
@@ -159,8 +196,8 @@ def all_rows() -> list[RowSpec]:
 
 
 def select_rows(rows: list[RowSpec], only: str | None) -> list[RowSpec]:
-    """``--only``: comma-separated groups (reference, goplug, aio, node, launch), names, globs,
-    prefixes."""
+    """``--only``: comma-separated groups (reference, goplug, aio, node, launch, tls, etcd),
+    names, globs, prefixes."""
     if not only:
         return rows
     tokens = [t.strip() for t in only.split(",") if t.strip()]
@@ -214,6 +251,7 @@ def worker_main(args: argparse.Namespace) -> int:
         pinned=pinned,
         core=args.core,
         aio_loop=args.aio_loop,
+        certs=args.certs or "",
     )
     out: dict[str, Any] = {"results": [], "reason": None}
     try:
@@ -237,12 +275,29 @@ def preflight(rows: list[RowSpec]) -> dict[str, str]:
     """Reasons, by group, why whole groups of rows cannot run here (checked once, up front)."""
     groups = {r.group for r in rows}
     reasons: dict[str, str] = {}
-    if groups & {"goplug", "aio", "node", "launch"}:
+    if groups & {"goplug", "aio", "node", "launch", "tls", "etcd"}:
         try:
             from goplug import Plugin, PluginRegistry  # noqa: F401
         except Exception as exc:
             reason = f"goplug not importable ({type(exc).__name__}: {exc})"
-            reasons.update(goplug=reason, aio=reason, node=reason, launch=reason)
+            reasons.update(
+                goplug=reason, aio=reason, node=reason, launch=reason, tls=reason, etcd=reason
+            )
+    if groups & {"tls", "etcd"} and "tls" not in reasons:
+        import inspect
+
+        import goplug
+
+        if not hasattr(goplug, "TLSConfig"):
+            reasons.update(tls="this goplug has no TLSConfig", etcd="this goplug has no TLSConfig")
+        elif "tls" not in inspect.signature(goplug.PluginRegistry).parameters:
+            reason = "this goplug's PluginRegistry takes no tls="
+            reasons.update(tls=reason, etcd=reason)
+    if "etcd" in groups and "etcd" not in reasons:
+        try:
+            import goplug.etcd
+        except Exception as exc:
+            reasons["etcd"] = f"goplug.etcd not importable ({type(exc).__name__}: {exc})"
     if "launch" in groups and "launch" not in reasons:
         from goplug import PluginRegistry
 
@@ -266,6 +321,8 @@ def row_timeout(spec: RowSpec, quick: bool) -> float:
         return 60.0 if quick else 150.0
     if spec.name.startswith("goplug-launch-flood"):
         return 30.0 if quick else 180.0  # floods end at 60 s in any case (see launch_flood)
+    if spec.name.startswith("etcd-"):
+        return 30.0 if quick else 120.0
     return 25.0 if quick else 90.0
 
 
@@ -320,6 +377,8 @@ def run_worker(
         cmd.append("--quick")
     if args.no_pin:
         cmd.append("--no-pin")
+    if args.certs:
+        cmd += ["--certs", args.certs]
     t0 = time.monotonic()
     load0 = other_cpu_mark()
     try:
@@ -422,12 +481,14 @@ def aggregate(
 
 def add_ratios(rows: dict[str, dict[str, Any]], specs: list[RowSpec]) -> None:
     """ratio_to_raw: p50 / raw p50 with one caller, raw calls/s / calls/s with several
-    (both read "times the raw floor's time per call"; 1.0 for raw itself)."""
+    (both read "times the raw floor's time per call"; 1.0 for raw itself). The floor is
+    raw-uds with the same payload and callers, raw-tls for the -tls rows."""
     for spec in specs:
         row = rows[spec.name]
         if not spec.subject or row["skipped"]:
             continue
-        raw = rows.get(f"raw-uds-{spec.payload}-{spec.callers}")
+        floor = "raw-tls" if spec.subject.endswith("-tls") else "raw-uds"
+        raw = rows.get(f"{floor}-{spec.payload}-{spec.callers}")
         if not raw or raw["skipped"]:
             continue
         if spec.callers == 1 and row["p50_us"] and raw["p50_us"]:
@@ -515,6 +576,18 @@ TARGETS = (
     Target("goplug-scale-500", "rss_per_plugin_kib", "<=", 64.0, label="KiB RSS/plugin"),
     Target("goplug-scale-500", "idle_cpu_pct", "<", 1.0, label="idle CPU %"),
     Target("goplug-scale-500", "fds_per_plugin", "<=", 2.0, label="fds/plugin"),
+    # Plugins on other hosts: TCP + mutual TLS on loopback, and discovery through etcd.
+    Target("goplug-tls-64B-1", "p50_us", "<=", 1.5, "raw-tls-64B-1", "p50_us", "p50"),
+    Target(
+        "goplug-tls-64B-1",
+        "calls_per_s",
+        ">=",
+        10.0,
+        "grpc-tls-64B-1",
+        "calls_per_s",
+        "calls/s vs grpc-tls",
+    ),
+    Target("etcd-discovery", "p50_us", "<=", 3.0, "etcd-watch", "p50_us", "p50 vs etcd watch"),
     # A plugin's log flood slows calls no more than the logging itself does: on 2 cores, p50
     # during the flood <= 1.5x p50 while the application logs the same lines itself (README:
     # why not 2x the quiet p50 there); on one core, the bound asked for, 2x the quiet p50.
@@ -632,7 +705,8 @@ def print_table(
     print(f"\ngoplug benchmarks: median of {reps} runs per row; {pinned}")
     print(
         "spread: (max - min) / median of the row's headline figure (p50 with 1 caller, calls/s "
-        "with 8, MB/s for bulk); x raw: time per call relative to raw-uds"
+        "with 8, MB/s for bulk); x raw: time per call relative to raw-uds (raw-tls for the "
+        "-tls rows)"
     )
     for line in [header, *lines]:
         cells = [
@@ -650,6 +724,21 @@ def print_table(
 
 def _extra_text(row: dict[str, Any]) -> str:
     name = row["name"]
+    if name == "raw-tls-64B-1" and row.get("tls_connect_p50_us") is not None:
+        return (
+            f"(new connection -> first answer: mutual TLS {fmt(row['tls_connect_p50_us'])} µs, "
+            f"plain TCP {fmt(row.get('tcp_connect_p50_us'))} µs)"
+        )
+    if name == "etcd-watch":
+        return (
+            "(p50/p99 = put by one client -> the watch event in another; the put's own round "
+            f"trip p50 {fmt(row.get('put_p50_us'))} µs)"
+        )
+    if name == "etcd-discovery":
+        text = "(p50/p99 = a plugin put into etcd -> loaded"
+        if row.get("discovered_p50_us") is not None:
+            text += f"; put -> discovered p50 {fmt(row['discovered_p50_us'])} µs"
+        return text + ")"
     if name == "goplug-discovery" and row.get("discovered_p50_us") is not None:
         disc = fmt(row["discovered_p50_us"])
         return f"(p50/p99 = renamed->loaded; renamed->discovered p50 {disc})"
@@ -773,6 +862,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--list", action="store_true", help="print the row names and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="print failing rows' tracebacks")
+    p.add_argument("--certs", help=argparse.SUPPRESS)  # the run's TLS certificates (a dir)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--worker-reps", type=int, default=1, help=argparse.SUPPRESS)
@@ -803,6 +893,26 @@ def main(argv: list[str]) -> int:
         quick = " with --quick" if args.quick else ""
         print(f"no row matches --only {args.only!r}{quick}", file=sys.stderr)
         return 2
+    # One set of certificates for every TLS row of the run, removed when the run ends.
+    certs_made = None
+    if not args.certs and any(s.module in ("tls_rows", "etcd_rows") for s in specs):
+        from common import Skip, write_certs
+
+        certs_made = tempfile.mkdtemp(prefix="gpb-certs-")
+        try:
+            write_certs(certs_made)
+            args.certs = certs_made
+        except Skip as exc:
+            print(f"no certificates for the TLS rows: {exc}", file=sys.stderr)
+    try:
+        return run(args, specs, left_out)
+    finally:
+        if certs_made:
+            shutil.rmtree(certs_made, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, specs: list[RowSpec], left_out: int) -> int:
+    """Run the rows, print the table, write results.json."""
     started = time.monotonic()
     load_before = os.getloadavg()
     blocked = preflight(specs)

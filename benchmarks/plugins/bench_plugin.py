@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 
 from _watchdog import exit_with_parent
 
@@ -30,8 +31,9 @@ CALLBACK = "bench"
 PAD = bytes(56)
 
 
-def build(directory: str, name: str) -> Plugin:
-    p = Plugin(directory, name)
+def build(directory: str, name: str, namespace: str = "", **options: Any) -> Plugin:
+    """One plugin with the methods above; ``options`` go to ``Plugin`` (tls_plugin.py)."""
+    p = Plugin(directory, name, namespace, **options)
 
     @p.method
     def Echo(data: bytes) -> bytes:
