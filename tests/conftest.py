@@ -79,8 +79,9 @@ class Spawner:
         wait: bool = True,
         command: list[str] | None = None,
     ) -> PluginProcess:
+        where = str(location)  # as given: an etcd:// location is not a path
         location = Path(location)
-        cmd = command or [sys.executable, str(script), str(location), name, namespace, *extra]
+        cmd = command or [sys.executable, str(script), where, name, namespace, *extra]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         stem = f"{name}@{namespace}" if namespace else name
         plugin = PluginProcess(proc, location / f"{stem}.pconf")

@@ -33,6 +33,7 @@ class Backend:
     plugin_args: list[str]
     registry_kwargs: dict[str, Any] = field(default_factory=dict)
     server: Any = None
+    prefix: str = ""
 
     @property
     def loss_bound(self) -> float:
@@ -46,7 +47,7 @@ class Backend:
         if self.kind == "directory":
             (Path(self.location) / f"{name}.pconf").write_bytes(document)
         else:
-            self.server.put(f"{self.server.prefix_of(self.location)}//{name}", document)
+            self.server.put(f"{self.prefix}//{name}", document)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +64,14 @@ def backend(request: pytest.FixtureRequest, plugin_dir: Path, certs: Path) -> It
         return
     etcdserver = pytest.importorskip("etcdserver", reason="the etcd test helper is missing")
     with etcdserver.EtcdServer(plugin_dir) as server:
-        location = server.location(f"/t{time.monotonic_ns()}")
+        prefix = f"/t{time.monotonic_ns()}"
         yield Backend(
             "etcd",
-            location,
+            server.location(prefix),
             ["--url=tcp://127.0.0.1:0", f"--certs={certs}", f"--ttl={TTL}"],
             {"tls": dev_configs(certs)["registry"]},
             server,
+            prefix,
         )
 
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -45,6 +45,7 @@ class Fleet:
     data_dir: Path
     etcd: HostProcess | None = None
     app: HostProcess | None = None
+    events: list[str] = field(default_factory=list)  # event lines read but not yet waited for
 
     @property
     def location(self) -> str:
@@ -95,14 +96,32 @@ class Fleet:
             stdout=subprocess.PIPE,
             text=True,
         )
-        wait_for_line(app, "READY", timeout=20)
+        def ready(line: str) -> bool:
+            if line.startswith("EVENT "):
+                self.events.append(line)  # replayed events come before READY
+            return line == "READY"
+
+        wait_for_line(app, ready, timeout=20)
         self.app = app
         return app
 
     def event(self, kind: str, name: str, timeout: float = 20.0) -> float:
         """Wait for the application's next ``kind`` event for ``name``; return its time."""
         assert self.app is not None
-        line = wait_for_line(self.app, f"EVENT {kind} {name} ", timeout=timeout)
+        wanted = f"EVENT {kind} {name} "
+        for line in self.events:
+            if line.startswith(wanted):
+                self.events.remove(line)
+                return float(line.split()[3])
+
+        def keep(line: str) -> bool:
+            if line.startswith(wanted):
+                return True
+            if line.startswith("EVENT "):
+                self.events.append(line)  # another event, waited for later
+            return False
+
+        line = wait_for_line(self.app, keep, timeout=timeout)
         return float(line.split()[3])
 
     def call(self, name: str, method: str, data: str = "x", timeout: float = 10.0) -> str:
@@ -110,9 +129,12 @@ class Fleet:
         assert self.app is not None and self.app.stdin is not None
         self.app.stdin.write(f"call {name} {method} {data}\n")
         self.app.stdin.flush()
-        line = wait_for_line(
-            self.app, lambda text: text.startswith((f"OK {name} ", f"ERR {name} ")), timeout
-        )
+        def answer(text: str) -> bool:
+            if text.startswith("EVENT "):
+                self.events.append(text)
+            return text.startswith((f"OK {name} ", f"ERR {name} "))
+
+        line = wait_for_line(self.app, answer, timeout)
         return line.split(" ", 2)[0] + " " + line.split(" ", 2)[2]
 
 
