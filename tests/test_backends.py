@@ -7,6 +7,7 @@ delivers every notification in order.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -222,3 +223,19 @@ def reloaded(registry: goplug.PluginRegistry, name: str) -> bool:
     except (goplug.PluginAlreadyLoaded, goplug.PluginNotDiscovered, goplug.PluginConnectionError):
         return registry.is_loaded(name)
     return True
+
+
+def test_cli_lists_and_calls_plugins_in_etcd(backend: Backend, spawn: Spawner, certs: Path) -> None:
+    from test_cli import goplug as run_goplug
+
+    start(spawn, backend, "Listed")
+    with backend.registry() as registry:
+        loaded(registry, "Listed")
+    tls = ["--tls", str(certs)] if backend.kind == "etcd" else []
+    listed = run_goplug("ls", backend.location, "--json", *tls)
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = json.loads(listed.stdout)
+    assert entry["name"] == "Listed" and entry["state"] == "live", entry
+    assert "Upper" in entry["methods"]
+    called = run_goplug("call", backend.location, "Listed", "Upper", "cli", *tls)
+    assert called.returncode == 0 and called.stdout == b"CLI", called.stderr
