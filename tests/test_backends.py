@@ -239,3 +239,24 @@ def test_cli_lists_and_calls_plugins_in_etcd(backend: Backend, spawn: Spawner, c
     assert "Upper" in entry["methods"]
     called = run_goplug("call", backend.location, "Listed", "Upper", "cli", *tls)
     assert called.returncode == 0 and called.stdout == b"CLI", called.stderr
+
+
+def test_aio_registry(backend: Backend, spawn: Spawner) -> None:
+    import asyncio
+
+    import goplug.aio
+
+    start(spawn, backend, "Async")
+
+    async def main() -> None:
+        registry = goplug.aio.PluginRegistry(backend.location, **backend.registry_kwargs)
+        async with registry:
+            deadline = time.monotonic() + 15
+            while not registry.is_loaded("Async") and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            handle = registry.get_plugin("Async")
+            assert handle is not None
+            answers = await asyncio.gather(*(handle.execute("Echo", b"%d" % i) for i in range(32)))
+            assert answers == [b"%d" % i for i in range(32)]
+
+    asyncio.run(main())
