@@ -253,7 +253,10 @@ def test_an_impostor_under_a_launched_name_is_refused(
         spawn(plugin_dir, "Do", "Test", command=rogue, wait=False)
         rogue_conf = str(plugin_dir / "TestDo.pconf")
         # (It writes its file in place: it may be seen empty first.)
-        wait_for(lambda: "launched by this registry" in str(registry.broken().get(rogue_conf)))
+        wait_for(
+            lambda: "launched by this registry" in str(registry.broken().get(rogue_conf)),
+            timeout=15,
+        )
         assert not registry.is_loaded("Do", "Test")
     finally:
         go_on.touch()
