@@ -260,3 +260,29 @@ def test_aio_registry(backend: Backend, spawn: Spawner) -> None:
             assert answers == [b"%d" % i for i in range(32)]
 
     asyncio.run(main())
+
+
+def test_cli_watch_shows_plugins_coming_and_going(
+    backend: Backend, spawn: Spawner, certs: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from netns import wait_for_line
+    from test_cli import _env
+
+    tls = ["--tls", str(certs)] if backend.kind == "etcd" else []
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "goplug", "watch", backend.location, *tls],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+    )
+    try:
+        plugin = start(spawn, backend, "Watched")
+        wait_for_line(watch, lambda line: "loaded" in line and "Watched" in line, timeout=20)
+        plugin.terminate()
+        wait_for_line(watch, lambda line: "lost" in line and "Watched" in line, timeout=20)
+    finally:
+        watch.terminate()
+        watch.wait(10)
