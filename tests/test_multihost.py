@@ -89,6 +89,15 @@ class Fleet:
             ]
         )
 
+    def start_two(self) -> tuple[HostProcess, HostProcess]:
+        """etcd, Alpha on host a, Beta on host b, and the application with both loaded."""
+        self.start_etcd()
+        alpha, beta = self.start_plugin("a", "Alpha"), self.start_plugin("b", "Beta")
+        self.start_app()
+        self.event("loaded", "Alpha")
+        self.event("loaded", "Beta")
+        return alpha, beta
+
     def start_app(self) -> HostProcess:
         app = self.app_host.popen(
             [sys.executable, str(APP), self.location, str(self.certs)],
@@ -150,12 +159,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 
 def test_plugins_on_two_hosts_over_mutual_tls(fleet: Fleet) -> None:
-    fleet.start_etcd()
-    fleet.start_plugin("a", "Alpha")
-    fleet.start_plugin("b", "Beta")
-    fleet.start_app()
-    fleet.event("loaded", "Alpha")
-    fleet.event("loaded", "Beta")
+    fleet.start_two()
     assert fleet.call("Alpha", "Upper", "from-a") == "OK FROM-A"
     assert fleet.call("Beta", "Echo", "from-b") == "OK from-b"
     # A client without a certificate, from the application's host, gets no answer.
@@ -168,12 +172,7 @@ def test_plugins_on_two_hosts_over_mutual_tls(fleet: Fleet) -> None:
 
 
 def test_partition_loses_one_host_only_and_heals(fleet: Fleet) -> None:
-    fleet.start_etcd()
-    fleet.start_plugin("a", "Alpha")
-    fleet.start_plugin("b", "Beta")
-    fleet.start_app()
-    fleet.event("loaded", "Alpha")
-    fleet.event("loaded", "Beta")
+    fleet.start_two()
     cut = time.monotonic()
     fleet.net.partition(fleet.hosts["a"])
     lost_at = fleet.event("lost", "Alpha", timeout=TTL + 10)
@@ -202,12 +201,7 @@ def test_etcd_outage_keeps_calls_going(fleet: Fleet) -> None:
 
 
 def test_killed_plugin_host_process_is_lost(fleet: Fleet) -> None:
-    fleet.start_etcd()
-    victim = fleet.start_plugin("a", "Alpha")
-    fleet.start_plugin("b", "Beta")
-    fleet.start_app()
-    fleet.event("loaded", "Alpha")
-    fleet.event("loaded", "Beta")
+    victim, _ = fleet.start_two()
     killed = time.monotonic()
     victim.kill()
     lost_at = fleet.event("lost", "Alpha", timeout=TTL + 10)
