@@ -28,7 +28,7 @@ from goplug.errors import (
     ProtocolError,
     RegistryClosed,
 )
-from goplug.transport import Transport, peek, peer_pid, set_timeouts
+from goplug.transport import Transport, peek, peer_pid, set_timeouts, token_header
 from goplug.wire import routes
 from goplug.wire.http import FramingError, Limits, Message, MessageReader, TruncatedMessage
 from goplug.wire.pconf import PluginConf
@@ -165,8 +165,7 @@ class PluginClient:
         self._host = conf.host.encode("ascii")
         self._path = conf.path_prefix.encode("ascii")
         self._prefixes: dict[str, bytes] = {}
-        token = transport.token
-        self._auth = b"Authorization: Bearer %s\r\n" % token.encode("ascii") if token else b""
+        self._auth = token_header(transport.token)
 
     # -- the call path -------------------------------------------------------------------------
 

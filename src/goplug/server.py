@@ -20,7 +20,14 @@ from goplug import memory
 from goplug.callbacks import CallbackHub
 from goplug.errors import GoPlugError, ProtocolError
 from goplug.logs import LazyLogger
-from goplug.transport import Transport, UnixTransport, peek, peer_uid, set_timeouts
+from goplug.transport import (
+    Transport,
+    UnixTransport,
+    peek,
+    peer_uid,
+    set_timeouts,
+    token_matches,
+)
 from goplug.wire import routes
 from goplug.wire.http import FramingError, Limits, Message, MessageReader, response_head
 
@@ -268,7 +275,8 @@ class Server:
                 idle_periods = 0
                 served = True
                 if not authorized:
-                    if not self._token_matches(msg):
+                    assert self._token is not None
+                    if not token_matches(msg.header(b"authorization"), self._token):
                         log.warning("%s: refused a request without the shared token", self._label)
                         self._refuse(conn, 401, "Unauthorized", "a valid shared token is required")
                         return
@@ -284,13 +292,6 @@ class Server:
                 self._conns.discard(conn)
             with contextlib.suppress(OSError):
                 conn.close()
-
-    def _token_matches(self, msg: Message) -> bool:
-        import hmac
-
-        assert self._token is not None
-        expected = b"Bearer " + self._token.encode("ascii")
-        return hmac.compare_digest(msg.header(b"authorization"), expected)
 
     # -- routes --------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import errno
 import ipaddress
 import os
 import socket
@@ -31,16 +31,12 @@ __all__ = [
     "is_loopback",
     "make_dev_certs",
     "parse_tcp_url",
-    "token_header",
 ]
 
 log = LazyLogger("goplug.tls")
 
 PEM = str | bytes | os.PathLike[str]
 """A file path (``str`` or path object), or PEM text given as ``bytes``."""
-
-TOKEN_HEADER = b"Authorization"
-
 
 @dataclass(frozen=True)
 class TLSConfig:
@@ -145,16 +141,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def token_header(token: str) -> bytes:
-    """The header line a registry sends with every request when a plaintext token is in use."""
-    return b"%s: Bearer %s\r\n" % (TOKEN_HEADER, token.encode("ascii"))
-
-
-def token_matches(value: bytes, token: str) -> bool:
-    """Compare an ``Authorization`` value with the expected token in constant time."""
-    return hmac.compare_digest(value, b"Bearer " + token.encode("ascii"))
 
 
 def check_token(token: str | None) -> str:
@@ -270,7 +256,7 @@ class TcpTransport:
             sock.listen(backlog)
         except OSError as exc:
             sock.close()
-            if exc.errno is not None and exc.errno == 98:  # EADDRINUSE
+            if exc.errno == errno.EADDRINUSE:
                 raise PluginAlreadyRunning(f"{address} is already in use") from None
             raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from None
         return sock

@@ -31,6 +31,8 @@ __all__ = [
     "peer_uid",
     "set_timeouts",
     "socket_path_for",
+    "token_header",
+    "token_matches",
 ]
 
 log = LazyLogger("goplug.transport")
@@ -91,6 +93,18 @@ def socket_path_for(wanted: str) -> str:
         raise ConfigError(f"{base} must be a directory owned by uid {os.getuid()} with mode 0700")
     digest = hashlib.sha256(os.fsencode(wanted)).hexdigest()[:24]
     return os.path.join(base, f"{digest}.sock")
+
+
+def token_header(token: str | None) -> bytes:
+    """The header line every request carries when a shared token is in use (else nothing)."""
+    return b"Authorization: Bearer %s\r\n" % token.encode("ascii") if token else b""
+
+
+def token_matches(value: bytes, token: str) -> bool:
+    """Compare an ``Authorization`` value with ``Bearer <token>`` in constant time."""
+    import hmac
+
+    return hmac.compare_digest(value, b"Bearer " + token.encode("ascii"))
 
 
 def is_tcp_url(url: str) -> bool:
