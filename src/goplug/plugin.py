@@ -123,6 +123,7 @@ class Plugin:
         self.namespace = namespace
         self.url = url or default_url(name, namespace)
         self._tcp: tuple[str, int] | None = None  # where to listen, for a plugin on TCP
+        self._scheme = ""  # of the Url it announces, for a plugin on TCP
         self._advertise = advertise
         if self.url.startswith("tcp://"):
             from goplug.tls import TcpTransport, parse_tcp_url
@@ -136,6 +137,7 @@ class Plugin:
                 )
             if transport is None:
                 transport = TcpTransport(tls, insecure_loopback=insecure_loopback, token=token)
+            self._scheme = transport.scheme if isinstance(transport, TcpTransport) else "https"
         elif tls is not None or insecure_loopback:
             raise ConfigError("tls and insecure_loopback apply to a plugin on TCP (url='tcp://...')")
         elif self._etcd is not None:
@@ -242,16 +244,13 @@ class Plugin:
             stem = file_stem(self.name, self.namespace)
             url = self.url
             if self._tcp is not None:
-                from goplug.tls import TcpTransport, join_address
+                from goplug.tls import join_address
 
                 host, port = self._tcp
                 listener = self._transport.listen(join_address(host, port), self.settings.backlog)
-                port = listener.getsockname()[1]
+                port = listener.getsockname()[1]  # the one the kernel chose for port 0
                 self.sock_path = join_address(host, port)
-                scheme = "https" if isinstance(self._transport, TcpTransport) and (
-                    self._transport.tls is not None
-                ) else "http"
-                url = f"{scheme}://{join_address(self._advertise or host, port)}"
+                url = f"{self._scheme}://{join_address(self._advertise or host, port)}"
             else:
                 self.sock_path = socket_path_for(os.path.join(self.location, stem + ".sock"))
                 listener = self._transport.listen(self.sock_path, self.settings.backlog)
