@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import ssl
 import threading
@@ -292,3 +293,27 @@ def test_cli_reaches_plugins_on_tcp(plugin_dir, spawn, certs, tmp_path) -> None:
     )
     again = run_goplug("tls", "init", str(tmp_path / "fresh"))
     assert again.returncode != 0 and b"not overwriting" in again.stderr
+
+
+def test_calls_over_tls_time_out_and_the_plugin_serves_on(plugin_dir, spawn, certs) -> None:
+    import time
+
+    plugin = spawn(plugin_dir, "Slow", "", "--url=tcp://127.0.0.1:0", f"--certs={certs}")
+    with goplug.PluginRegistry(plugin_dir, tls=tls_of(certs, "registry")) as registry:
+        wait_for(lambda: registry.is_loaded("Slow"))
+        handle = registry.get_plugin("Slow")
+        assert handle is not None
+        started = time.monotonic()
+        with pytest.raises(goplug.CallTimeout):
+            handle.execute("Sleep", b"30", timeout=0.3)
+        assert time.monotonic() - started < 5
+        assert handle.execute("Echo", b"next", timeout=5) == b"next"
+        # A frozen plugin: the call's deadline ends it, not the kernel or the plugin.
+        plugin.signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(goplug.CallTimeout):
+                handle.execute("Echo", b"frozen", timeout=0.3)
+        finally:
+            plugin.signal(signal.SIGCONT)
+        assert handle.execute("Echo", b"thawed", timeout=5) == b"thawed"
+
