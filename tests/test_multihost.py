@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +45,7 @@ class Fleet:
     data_dir: Path
     etcd: HostProcess | None = None
     app: HostProcess | None = None
-    events: list[str] = field(default_factory=list)  # event lines read but not yet waited for
+    events: list[str] = field(default_factory=list)  # lines read but not yet waited for
 
     @property
     def location(self) -> str:
@@ -105,8 +105,9 @@ class Fleet:
             stdout=subprocess.PIPE,
             text=True,
         )
+
         def ready(line: str) -> bool:
-            if line.startswith("EVENT "):
+            if line != "READY":
                 self.events.append(line)  # replayed events come before READY
             return line == "READY"
 
@@ -114,37 +115,55 @@ class Fleet:
         self.app = app
         return app
 
-    def event(self, kind: str, name: str, timeout: float = 20.0) -> float:
-        """Wait for the application's next ``kind`` event for ``name``; return its time."""
+    def next_line(self, match: Callable[[str], bool], timeout: float) -> str:
+        """The first line of the application matching ``match``, read now or earlier."""
         assert self.app is not None
-        wanted = f"EVENT {kind} {name} "
         for line in self.events:
-            if line.startswith(wanted):
+            if match(line):
                 self.events.remove(line)
-                return float(line.split()[3])
+                return line
 
         def keep(line: str) -> bool:
-            if line.startswith(wanted):
+            if match(line):
                 return True
-            if line.startswith("EVENT "):
-                self.events.append(line)  # another event, waited for later
+            self.events.append(line)  # for a later wait
             return False
 
-        line = wait_for_line(self.app, keep, timeout=timeout)
+        return wait_for_line(self.app, keep, timeout=timeout)
+
+    def event(self, kind: str, name: str, timeout: float = 20.0) -> float:
+        """Wait for the application's next ``kind`` event for ``name``; return its time."""
+        line = self.next_line(lambda text: text.startswith(f"EVENT {kind} {name} "), timeout)
         return float(line.split()[3])
+
+    def send(self, command: str) -> None:
+        assert self.app is not None and self.app.stdin is not None
+        self.app.stdin.write(command + "\n")
+        self.app.stdin.flush()
 
     def call(self, name: str, method: str, data: str = "x", timeout: float = 10.0) -> str:
         """Call through the application; return ``OK <out>`` or ``ERR <type> <message>``."""
-        assert self.app is not None and self.app.stdin is not None
-        self.app.stdin.write(f"call {name} {method} {data}\n")
-        self.app.stdin.flush()
-        def answer(text: str) -> bool:
-            if text.startswith("EVENT "):
-                self.events.append(text)
-            return text.startswith((f"OK {name} ", f"ERR {name} "))
-
-        line = wait_for_line(self.app, answer, timeout)
+        self.send(f"call {name} {method} {data}")
+        line = self.next_line(
+            lambda text: text.startswith((f"OK {name} ", f"ERR {name} ")), timeout
+        )
         return line.split(" ", 2)[0] + " " + line.split(" ", 2)[2]
+
+    def wait_subscribed(self, name: str, callback: str, timeout: float = 10.0) -> None:
+        """Wait until the plugin sees the application's poll for ``callback``."""
+        deadline = time.monotonic() + timeout
+        while self.call(name, "Callbacks") != f"OK {callback}":
+            assert time.monotonic() < deadline, f"{name} never saw the {callback} subscription"
+
+    def notifications(
+        self, name: str, callback: str, count: int, timeout: float = 10.0
+    ) -> list[str]:
+        """The next ``count`` notifications the application received for ``callback``."""
+        prefix = f"CB {name} {callback} "
+        return [
+            self.next_line(lambda text: text.startswith(prefix), timeout)[len(prefix) :]
+            for _ in range(count)
+        ]
 
 
 @pytest.fixture
@@ -173,6 +192,11 @@ def test_plugins_on_two_hosts_over_mutual_tls(fleet: Fleet) -> None:
 
 def test_partition_loses_one_host_only_and_heals(fleet: Fleet) -> None:
     fleet.start_two()
+    fleet.send("subscribe Alpha tick")
+    fleet.next_line(lambda line: line == "SUBSCRIBED Alpha tick", 10)
+    fleet.wait_subscribed("Alpha", "tick")
+    assert fleet.call("Alpha", "NotifyMany", "tick\\n10").startswith("OK")
+    assert fleet.notifications("Alpha", "tick", 10) == [str(i) for i in range(10)]
     cut = time.monotonic()
     fleet.net.partition(fleet.hosts["a"])
     lost_at = fleet.event("lost", "Alpha", timeout=TTL + 10)
@@ -182,6 +206,10 @@ def test_partition_loses_one_host_only_and_heals(fleet: Fleet) -> None:
     fleet.net.heal(fleet.hosts["a"])
     fleet.event("loaded", "Alpha", timeout=TTL + 10)
     assert fleet.call("Alpha", "Echo", "healed") == "OK healed"
+    # The same subscription goes on: every notification after the heal arrives, in order.
+    fleet.wait_subscribed("Alpha", "tick")
+    assert fleet.call("Alpha", "NotifyMany", "tick\\n20").startswith("OK")
+    assert fleet.notifications("Alpha", "tick", 20) == [str(i) for i in range(20)]
 
 
 def test_etcd_outage_keeps_calls_going(fleet: Fleet) -> None:

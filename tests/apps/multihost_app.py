@@ -3,9 +3,10 @@
 python multihost_app.py LOCATION CERTDIR
 
 Prints ``EVENT <kind> <name> <monotonic time>`` for every registry event, and answers each
-command line: ``call NAME METHOD DATA`` → ``OK NAME DATA`` or ``ERR NAME TYPE MESSAGE``;
-``quit`` ends it. CLOCK_MONOTONIC is shared by every process of the machine, so the test can
-compare these times with its own.
+command line: ``call NAME METHOD DATA`` → ``OK NAME DATA`` or ``ERR NAME TYPE MESSAGE`` (``\\n``
+in DATA is a newline); ``subscribe NAME CALLBACK`` → ``SUBSCRIBED NAME CALLBACK``, then
+``CB NAME CALLBACK DATA`` for every notification; ``quit`` ends it. CLOCK_MONOTONIC is shared
+by every process of the machine, so the test can compare these times with its own.
 """
 
 from __future__ import annotations
@@ -44,9 +45,21 @@ def main() -> None:
                 continue
             if words[0] == "quit":
                 break
+            if words[0] == "subscribe" and len(words) == 3:
+                name, callback = words[1], words[2]
+                handle = registry.get_plugin(name)
+                if handle is None:
+                    say(f"ERR {name} PluginNotLoaded {name} is not loaded")
+                    continue
+                handle.register_callback(
+                    lambda data, n=name, c=callback: say(f"CB {n} {c} {data.decode()}"), callback
+                )
+                say(f"SUBSCRIBED {name} {callback}")
+                continue
             if words[0] == "call" and len(words) >= 3:
                 name, method = words[1], words[2]
-                data = words[3].rstrip("\n").encode() if len(words) > 3 else b""
+                text = words[3].rstrip("\n").replace("\\n", "\n") if len(words) > 3 else ""
+                data = text.encode()
                 handle = registry.get_plugin(name)
                 try:
                     if handle is None:
