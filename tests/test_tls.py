@@ -215,7 +215,7 @@ def test_insecure_loopback_needs_the_token(plugin_dir, spawn) -> None:
         registry.load_plugin("Plain")
 
 
-def test_plaintext_is_refused_off_loopback(plugin_dir) -> None:
+def test_plaintext_is_refused_off_loopback(plugin_dir, monkeypatch) -> None:
     with pytest.raises(ConfigError, match="insecure_loopback needs a shared token"):
         goplug.Plugin(plugin_dir, "NoToken", url="tcp://127.0.0.1:0", insecure_loopback=True)
     with pytest.raises(ConfigError, match="needs mutual TLS"):
@@ -230,7 +230,12 @@ def test_plaintext_is_refused_off_loopback(plugin_dir) -> None:
     )
     with pytest.raises(ConfigError, match="only loopback"):
         wide.start()
-    # A plaintext announcement pointing off loopback is refused before anything is sent.
+    # A plaintext announcement pointing off loopback is refused before anything is sent (and
+    # should that ever break, the guard fails the test instead of letting a packet out).
+    def no_connection(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a plaintext connection off loopback was attempted")
+
+    monkeypatch.setattr(socket, "create_connection", no_connection)
     transport = TcpTransport(None, insecure_loopback=True, token=TOKEN)
     with pytest.raises(ConfigError, match="not a loopback address"):
         transport.connect("192.0.2.1:80", 1.0)
