@@ -230,6 +230,7 @@ def test_plaintext_is_refused_off_loopback(plugin_dir, monkeypatch) -> None:
     )
     with pytest.raises(ConfigError, match="only loopback"):
         wide.start()
+
     # A plaintext announcement pointing off loopback is refused before anything is sent (and
     # should that ever break, the guard fails the test instead of letting a packet out).
     def no_connection(*args: object, **kwargs: object) -> None:
@@ -322,3 +323,25 @@ def test_calls_over_tls_time_out_and_the_plugin_serves_on(plugin_dir, spawn, cer
             plugin.signal(signal.SIGCONT)
         assert handle.execute("Echo", b"thawed", timeout=5) == b"thawed"
 
+
+def test_cli_reaches_a_plaintext_loopback_plugin_with_the_token(plugin_dir, spawn) -> None:
+    from test_cli import goplug as run_goplug
+
+    spawn(plugin_dir, "PlainCli", "", "--url=tcp://127.0.0.1:0", f"--token={TOKEN}")
+    listed = run_goplug("ls", str(plugin_dir), "--json", "--insecure-loopback", GOPLUG_TOKEN=TOKEN)
+    (entry,) = json.loads(listed.stdout)
+    assert entry["state"] == "live" and entry["sock"].startswith("http://127.0.0.1:"), entry
+    called = run_goplug(
+        "call",
+        str(plugin_dir),
+        "PlainCli",
+        "Upper",
+        "plain",
+        "--insecure-loopback",
+        "--token",
+        TOKEN,
+    )
+    assert called.returncode == 0 and called.stdout == b"PLAIN", called.stderr
+    bare = run_goplug("ls", str(plugin_dir), "--json")
+    (entry,) = json.loads(bare.stdout)
+    assert entry["state"].startswith("unreachable") and "insecure" in entry["state"]

@@ -52,7 +52,13 @@ from goplug.errors import (
 )
 from goplug.launcher import LaunchSettings, PluginProcess
 from goplug.plugin import Plugin, serve
-from goplug.registry import PluginEvent, PluginHandle, PluginRegistry, RegistrySettings
+from goplug.registry import (
+    PluginEvent,
+    PluginHandle,
+    PluginRegistry,
+    RegistrySettings,
+    transport_for,
+)
 from goplug.transport import Transport, UnixTransport, check_owner
 from goplug.wire import routes
 from goplug.wire.pconf import MAX_PCONF_BYTES, PluginConf, file_stem, parse_pconf
@@ -162,22 +168,18 @@ def _network_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _transport_for(conf: PluginConf) -> Transport:
-    """The transport ``goplug ls`` probes a plugin with (see PluginRegistry for the rules)."""
-    if not conf.remote:
-        return UnixTransport()
-    from goplug.tls import TcpTransport, TLSConfig
+    """The transport ``goplug ls`` probes a plugin with (the rules of PluginRegistry)."""
+    tcp = None
+    tls, token = _NETWORK.get("tls"), _NETWORK.get("token")
+    if conf.remote and (tls is not None or _NETWORK.get("insecure_loopback")):
+        from goplug.tls import TcpTransport, TLSConfig
 
-    tls = _NETWORK.get("tls")
-    if conf.url.startswith("https://"):
-        if not isinstance(tls, TLSConfig):
-            raise ConfigError(f"{conf.url}: TLS certificates are needed (--tls DIR)")
-        return TcpTransport(tls)
-    if not _NETWORK.get("insecure_loopback"):
-        raise ConfigError(f"{conf.url}: plaintext needs --insecure-loopback and the token")
-    token = _NETWORK.get("token")
-    return TcpTransport(
-        None, insecure_loopback=True, token=token if isinstance(token, str) else None
-    )
+        tcp = TcpTransport(
+            tls if isinstance(tls, TLSConfig) else None,
+            insecure_loopback=tls is None,
+            token=token if isinstance(token, str) else None,
+        )
+    return transport_for(conf, UnixTransport(), tcp)
 
 
 def _client_settings(timeout: float | None) -> ClientSettings:

@@ -580,26 +580,7 @@ class PluginRegistry(LaunchingRegistry):
         return conf
 
     def _transport_for(self, conf: PluginConf) -> Transport:
-        """The transport that reaches ``conf``'s plugin: by the scheme of its ``Url``."""
-        if not conf.remote:
-            return self._transport
-        tcp = self._tcp
-        label = file_stem(conf.name, conf.namespace)
-        if conf.url.startswith("https://"):
-            if tcp is None or tcp.tls is None:
-                raise ConfigError(
-                    f"plugin {label} is reached over TLS ({conf.url}) and this registry has no "
-                    "certificates: pass tls=TLSConfig(ca=..., cert=..., key=...)",
-                    conf.path or None,
-                )
-            return tcp
-        if tcp is None or tcp.tls is not None:
-            raise ConfigError(
-                f"plugin {label} is reached in plaintext ({conf.url}); this registry allows that "
-                "only with insecure_loopback=True and the shared token",
-                conf.path or None,
-            )
-        return tcp
+        return transport_for(conf, self._transport, self._tcp)
 
     def _on_files(self, changed: list[str], removed: list[str]) -> None:
         for path in removed:
@@ -882,6 +863,33 @@ class PluginRegistry(LaunchingRegistry):
                 if base in stems:
                     return error
         return None
+
+
+def transport_for(conf: PluginConf, local: Transport, tcp: TcpTransport | None) -> Transport:
+    """The transport that reaches ``conf``'s plugin, by the scheme of its ``Url``.
+
+    ``local`` serves Unix sockets; ``tcp`` (if any) is the TCP transport the caller was given:
+    ``https://`` needs one with TLS, ``http://`` one for plaintext loopback. ConfigError names
+    what is missing.
+    """
+    if not conf.remote:
+        return local
+    label = file_stem(conf.name, conf.namespace)
+    if conf.url.startswith("https://"):
+        if tcp is None or tcp.tls is None:
+            raise ConfigError(
+                f"plugin {label} is reached over TLS ({conf.url}) and no certificates were "
+                "given: pass tls=TLSConfig(ca=..., cert=..., key=...) (goplug: --tls CERTDIR)",
+                conf.path or None,
+            )
+        return tcp
+    if tcp is None or tcp.tls is not None:
+        raise ConfigError(
+            f"plugin {label} is reached in plaintext ({conf.url}), which is allowed only with "
+            "insecure_loopback=True and the shared token (goplug: --insecure-loopback)",
+            conf.path or None,
+        )
+    return tcp
 
 
 def _same_endpoint(a: PluginConf, b: PluginConf) -> bool:
