@@ -9,7 +9,6 @@ shared token that every request carries: it is the fallback where Unix sockets a
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import ipaddress
@@ -37,6 +36,7 @@ log = LazyLogger("goplug.tls")
 
 PEM = str | bytes | os.PathLike[str]
 """A file path (``str`` or path object), or PEM text given as ``bytes``."""
+
 
 @dataclass(frozen=True)
 class TLSConfig:
@@ -219,6 +219,8 @@ class TcpTransport:
         self, loop: Any, factory: Any, address: str, timeout: float
     ) -> tuple[Any, Any]:
         """The asyncio counterpart of :meth:`connect` (``factory`` makes the protocol)."""
+        import asyncio  # only a registry's asyncio side gets here; plugins never import it
+
         host, port = split_address(address)
         if self.tls is None and not is_loopback(host):
             raise ConfigError(f"refusing plaintext TCP to {address}: not a loopback address")
