@@ -3,7 +3,8 @@
 Both sides ask a transport for a listening or a connected socket and then only call
 ``recv``/``sendall`` on it. :class:`UnixTransport` (here) serves plugins on this host;
 :class:`goplug.tls.TcpTransport` serves plugins on other hosts (TCP with mutual TLS). Which one
-a registry uses for a plugin follows the scheme of the plugin's ``Url`` (:func:`is_tcp_url`).
+a registry uses for a plugin follows the scheme of the plugin's ``Url``
+(:func:`goplug.registry.transport_for`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ __all__ = [
     "Transport",
     "UnixTransport",
     "check_owner",
-    "is_tcp_url",
     "peek",
     "peer_pid",
     "peer_uid",
@@ -105,11 +105,6 @@ def token_matches(value: bytes, token: str) -> bool:
     import hmac
 
     return hmac.compare_digest(value, b"Bearer " + token.encode("ascii"))
-
-
-def is_tcp_url(url: str) -> bool:
-    """Tell whether a plugin's ``Url`` names a TCP endpoint (``https://`` or ``http://``)."""
-    return url.startswith(("https://", "http://"))
 
 
 def set_timeouts(sock: socket.socket, seconds: float) -> None:
