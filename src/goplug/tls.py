@@ -10,7 +10,6 @@ shared token that every request carries: it is the fallback where Unix sockets a
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import os
 import socket
@@ -20,8 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from goplug.errors import ConfigError, PluginAlreadyRunning, PluginConnectionError
+from goplug.errors import ConfigError, PluginConnectionError
 from goplug.logs import LazyLogger
+from goplug.transport import listening
 
 __all__ = [
     "TLSConfig",
@@ -252,16 +252,8 @@ class TcpTransport:
             )
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(backlog)
-        except OSError as exc:
-            sock.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise PluginAlreadyRunning(f"{address} is already in use") from None
-            raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from None
-        return sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return listening(sock, (host, port), address, backlog)
 
     def unlink(self, address: str) -> None:
         """Nothing to remove for TCP."""

@@ -16,6 +16,7 @@ import socket
 import stat
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from goplug.errors import ConfigError, PluginAlreadyRunning, PluginConnectionError
@@ -26,6 +27,7 @@ __all__ = [
     "Transport",
     "UnixTransport",
     "check_owner",
+    "listening",
     "peek",
     "peer_pid",
     "peer_uid",
@@ -129,6 +131,27 @@ def _ssl_socket_type() -> type:
     return ssl.SSLSocket if ssl is not None else type(None)
 
 
+def listening(
+    sock: socket.socket,
+    bind_to: str | tuple[str, int],
+    address: str,
+    backlog: int,
+    after_bind: Callable[[], object] | None = None,
+) -> socket.socket:
+    """Bind ``sock`` and listen; on failure close it and raise goplug's error for ``address``."""
+    try:
+        sock.bind(bind_to)
+        if after_bind is not None:
+            after_bind()
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PluginAlreadyRunning(f"{address} is already in use") from None
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from None
+    return sock
+
+
 def peek(sock: socket.socket) -> bytes | None:
     """Look at an idle connection without blocking: None (nothing), b"" (closed) or bytes.
 
@@ -227,17 +250,8 @@ class UnixTransport:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(address)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(address)
-            # Before listen() nobody can connect, so 0600 is in force from the first accept.
-            os.chmod(address, 0o600)
-            sock.listen(backlog)
-        except OSError as exc:
-            sock.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise PluginAlreadyRunning(f"{address} is already in use") from None
-            raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from None
-        return sock
+        # Before listen() nobody can connect, so 0600 is in force from the first accept.
+        return listening(sock, address, address, backlog, lambda: os.chmod(address, 0o600))
 
     def unlink(self, address: str) -> None:
         """Remove the socket file."""
