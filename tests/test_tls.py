@@ -345,3 +345,18 @@ def test_cli_reaches_a_plaintext_loopback_plugin_with_the_token(plugin_dir, spaw
     bare = run_goplug("ls", str(plugin_dir), "--json")
     (entry,) = json.loads(bare.stdout)
     assert entry["state"].startswith("unreachable") and "insecure" in entry["state"]
+
+
+def test_plugins_take_calls_from_the_registry_certificate_only(plugin_dir, spawn, certs) -> None:
+    # Development plugins accept the registry's certificate, not another plugin's.
+    spawn(plugin_dir, "Strict", "", "--url=tcp://127.0.0.1:0", f"--certs={certs}")
+    plugin_side = tls_of(certs, "plugin")
+    assert plugin_side.client_names == frozenset({"goplug-registry"})
+    as_a_plugin = TLSConfig(plugin_side.ca, plugin_side.cert, plugin_side.key)
+    with (
+        goplug.PluginRegistry(plugin_dir, auto_discover=False, tls=as_a_plugin) as registry,
+        pytest.raises(PluginConnectionError),
+    ):
+        registry.load_plugin("Strict")
+    with goplug.PluginRegistry(plugin_dir, auto_discover=False, tls=tls_of(certs, "registry")) as r:
+        assert r.load_plugin("Strict").execute("Echo", b"registry") == b"registry"

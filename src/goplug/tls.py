@@ -45,7 +45,10 @@ class TLSConfig:
     Each of ``ca``, ``cert`` and ``key`` is a file path, or the PEM text itself as ``bytes``.
     ``server_name`` is the name the plugins' certificates are checked against; by default the
     host in the plugin's ``Url`` (so a plugin announcing ``https://10.0.0.5:7000`` needs a
-    certificate naming ``10.0.0.5``). ``goplug tls init DIR`` makes a development set.
+    certificate naming ``10.0.0.5``). ``client_names``, on a plugin's side, narrows who may
+    call it from "any certificate from the CA" to certificates naming one of these (for example
+    the registries' name, so that a plugin host's own certificate cannot call other plugins).
+    ``goplug tls init DIR`` makes a development set.
     """
 
     ca: PEM
@@ -56,6 +59,8 @@ class TLSConfig:
     """This side's private key (PEM)."""
     server_name: str | None = None
     """Check plugin certificates against this name instead of the host of their ``Url``."""
+    client_names: frozenset[str] | None = None
+    """A plugin accepts only client certificates naming one of these (None: any from the CA)."""
 
     def pem(self) -> tuple[bytes, bytes, bytes]:
         """Return (CA, certificate, key) as PEM bytes, reading files where paths were given."""
@@ -275,8 +280,25 @@ class TcpTransport:
             with contextlib.suppress(OSError):
                 conn.close()
             return None
+        names = self.tls.client_names if self.tls is not None else None
+        if names is not None and not names.intersection(certificate_names(secure)):
+            log.warning(
+                "refused a TLS client whose certificate names none of %s", ", ".join(sorted(names))
+            )
+            with contextlib.suppress(OSError):
+                secure.close()
+            return None
         secure.settimeout(None)
         return secure
+
+
+def certificate_names(sock: ssl.SSLSocket) -> set[str]:
+    """The names the peer's (verified) certificate carries: its subjectAltName entries and CN."""
+    cert: dict[str, Any] = dict(sock.getpeercert() or {})
+    names = {str(value) for _, value in cert.get("subjectAltName", ())}
+    for rdn in cert.get("subject", ()):
+        names.update(str(value) for key, value in rdn if key == "commonName")
+    return names
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -299,6 +321,9 @@ def _reason(exc: BaseException) -> str:
         return exc.strerror or str(exc) or type(exc).__name__
     return str(exc) or type(exc).__name__
 
+
+REGISTRY_NAME = "goplug-registry"
+"""The name on the registry certificate :func:`make_dev_certs` makes."""
 
 DEV_FILES = ("ca.pem", "ca.key", "plugin.pem", "plugin.key", "registry.pem", "registry.key")
 """What :func:`make_dev_certs` writes."""
@@ -328,7 +353,7 @@ def make_dev_certs(
         raise ConfigError(f"{root} already holds {', '.join(taken)}; not overwriting")
     ca = trustme.CA(organization_name="goplug development CA")
     plugin = ca.issue_cert(*names, common_name="goplug plugin")
-    registry = ca.issue_cert("goplug-registry", common_name="goplug registry")
+    registry = ca.issue_cert(REGISTRY_NAME, common_name="goplug registry")
     contents = {
         "ca.pem": ca.cert_pem.bytes(),
         "ca.key": ca.private_key_pem.bytes(),
@@ -346,14 +371,22 @@ def make_dev_certs(
 
 
 def dev_configs(directory: str | os.PathLike[str]) -> dict[str, TLSConfig]:
-    """The :class:`TLSConfig` of each side for a directory made by :func:`make_dev_certs`."""
+    """The :class:`TLSConfig` of each side for a directory made by :func:`make_dev_certs`.
+
+    The plugin side accepts only clients whose certificate names ``goplug-registry``.
+    """
     root = os.path.abspath(os.fspath(directory))
 
-    def side(stem: str) -> TLSConfig:
+    def side(stem: str, client_names: frozenset[str] | None) -> TLSConfig:
         return TLSConfig(
             ca=os.path.join(root, "ca.pem"),
             cert=os.path.join(root, f"{stem}.pem"),
             key=os.path.join(root, f"{stem}.key"),
+            client_names=client_names,
         )
 
-    return {"plugin": side("plugin"), "registry": side("registry")}
+    # Plugins take calls from the registry certificate only, not from each other's.
+    return {
+        "plugin": side("plugin", frozenset({REGISTRY_NAME})),
+        "registry": side("registry", None),
+    }
