@@ -262,6 +262,29 @@ def serve_grpc(path: str) -> None:
     server.wait_for_termination()
 
 
+def measure_grpc_echo(ctx: RowContext, channel: Any, payload: bytes) -> dict[str, Any]:
+    """Round trips of ``payload`` through the echo method on ``channel`` (closed after)."""
+    try:
+        # None is grpc's identity serializer: bytes go through untouched.
+        echo = channel.unary_unary(
+            GRPC_METHOD,
+            request_serializer=None,
+            response_deserializer=None,
+            _registered_method=False,
+        )
+
+        def call() -> bytes:
+            out: bytes = echo(payload)
+            return out
+
+        if call() != payload:
+            raise RuntimeError("grpc echo returned different bytes")
+        m = measure_threads([call] * ctx.callers, _budget(ctx))
+    finally:
+        channel.close()
+    return m.summary(ctx.size)
+
+
 def rtt_grpc(ctx: RowContext) -> dict[str, Any]:
     try:
         import grpc
@@ -272,25 +295,7 @@ def rtt_grpc(ctx: RowContext) -> dict[str, Any]:
         sock = os.path.join(d, "grpc.sock")
         _start_server(procs, "grpc", sock)
         channel = grpc.insecure_channel("unix:" + sock, options=GRPC_OPTIONS)
-        try:
-            # None is grpc's identity serializer: bytes go through untouched.
-            echo = channel.unary_unary(
-                GRPC_METHOD,
-                request_serializer=None,
-                response_deserializer=None,
-                _registered_method=False,
-            )
-
-            def call() -> bytes:
-                out: bytes = echo(payload)
-                return out
-
-            if call() != payload:
-                raise RuntimeError("grpc echo returned different bytes")
-            m = measure_threads([call] * ctx.callers, _budget(ctx))
-        finally:
-            channel.close()
-        summary = m.summary(ctx.size)
+        summary = measure_grpc_echo(ctx, channel, payload)
         summary["notes"].append(f"grpcio {grpc.__version__}, one channel")
         return _finish(ctx, procs, summary)
 

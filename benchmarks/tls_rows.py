@@ -52,12 +52,12 @@ from common import (
     write_certs,
 )
 from reference import (
-    GRPC_METHOD,
     GRPC_OPTIONS,
     HEADER,
     RawClient,
     _exit_with_parent,
     _raw_serve_conn,
+    measure_grpc_echo,
 )
 
 TLS_PLUGIN = os.path.join(HERE, "plugins", "tls_plugin.py")
@@ -271,24 +271,7 @@ def rtt_grpc_tls(ctx: RowContext) -> dict[str, Any]:
             certificate_chain=read("registry.pem"),
         )
         channel = grpc.secure_channel(f"{LOOPBACK}:{port}", creds, options=GRPC_OPTIONS)
-        try:
-            echo = channel.unary_unary(
-                GRPC_METHOD,
-                request_serializer=None,
-                response_deserializer=None,
-                _registered_method=False,
-            )
-
-            def call() -> bytes:
-                out: bytes = echo(payload)
-                return out
-
-            if call() != payload:
-                raise RuntimeError("grpc echo returned different bytes")
-            m = measure_threads([call] * ctx.callers, _budget(ctx))
-        finally:
-            channel.close()
-        summary = m.summary(ctx.size)
+        summary = measure_grpc_echo(ctx, channel, payload)
         summary["notes"].append(f"grpcio {grpc.__version__}, one channel, mutual TLS")
         return _finish(ctx, procs, summary)
 
