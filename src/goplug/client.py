@@ -28,7 +28,14 @@ from goplug.errors import (
     ProtocolError,
     RegistryClosed,
 )
-from goplug.transport import Transport, peek, peer_pid, set_timeouts, token_header
+from goplug.transport import (
+    Transport,
+    fastpath,
+    peek,
+    peer_pid,
+    set_timeouts,
+    token_header,
+)
 from goplug.wire import routes
 from goplug.wire.http import FramingError, Limits, Message, MessageReader, TruncatedMessage
 from goplug.wire.pconf import PluginConf
@@ -66,13 +73,16 @@ class ClientSettings:
 class Connection:
     """One persistent connection: a blocking socket and its response reader."""
 
-    __slots__ = ("idle_sweeps", "reader", "sock", "timeout")
+    __slots__ = ("fd", "idle_sweeps", "max_body", "reader", "sock", "timeout")
 
     def __init__(self, sock: socket.socket, limits: Limits) -> None:
         self.sock = sock
         self.reader = MessageReader(True, limits)
         self.timeout = -1.0
         self.idle_sweeps = 0
+        self.max_body = limits.max_body
+        # A plain socket takes the C fast path of a call; -1: this one does not (TLS).
+        self.fd = sock.fileno() if fastpath is not None and type(sock) is socket.socket else -1
 
     def set_timeout(self, seconds: float) -> None:
         """Bound every single receive and send on this connection to ``seconds``."""
@@ -84,6 +94,36 @@ class Connection:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+    def call(self, prefix: bytes, data: bytes, timeout: float) -> bytes | Message:
+        """Send ``prefix``, the body's length and ``data``; read the response.
+
+        Returns the body of a plain ``200 OK``, else the parsed response (raises OSError,
+        FramingError, TimeoutError).
+        """
+        if self.fd < 0 or self.reader.in_message:
+            n = len(data)
+            if n < 65536:
+                return self.exchange(b"%s%d\r\n\r\n%s" % (prefix, n, data), None, timeout)
+            return self.exchange(b"%s%d\r\n\r\n" % (prefix, n), data, timeout)
+        if timeout != self.timeout:
+            self.set_timeout(timeout)
+        try:
+            answer = fastpath.exchange(
+                self.fd, prefix, data, timeout, self.max_body, memory.tune_malloc
+            )
+        except (BrokenPipeError, ConnectionResetError):
+            # As in exchange(): a plugin that refused the request may have answered first.
+            msg = self._answer_after_failed_send()
+            if msg is None:
+                raise
+            return msg
+        if isinstance(answer, bytes):
+            if len(answer) >= 65536:
+                self.timeout = -1.0  # a long body may have shrunk SO_RCVTIMEO to fit the call
+            return answer
+        received, eof = answer
+        return self._receive(received, eof, time.monotonic(), timeout)
 
     def exchange(self, request: bytes, body: bytes | None, timeout: float) -> Message:
         """Send one request and read its response (raises OSError, FramingError, TimeoutError)."""
@@ -102,23 +142,33 @@ class Connection:
             if answer is None:
                 raise
             return answer
-        reader = self.reader
-        if reader.in_message:  # left over from an earlier exchange: the peer broke the protocol
+        if self.reader.in_message:  # left over from an earlier exchange: a protocol breach
             raise FramingError("unsolicited response")
+        return self._receive(None, False, started, timeout)
+
+    def _receive(self, first: bytes | None, eof: bool, started: float, timeout: float) -> Message:
+        sock = self.sock
+        reader = self.reader
+        data = first
         while True:
-            wanted = reader.body_wanted()
-            if wanted:
-                if not memory.tuned:
-                    memory.tune_malloc()
-                data = sock.recv(min(wanted, _BIG_RECV))
-            else:
-                data = sock.recv(_RECV)
-            if not data:
+            if data is None:
+                wanted = reader.body_wanted()
+                if wanted:
+                    if not memory.tuned:
+                        memory.tune_malloc()
+                    data = sock.recv(min(wanted, _BIG_RECV))
+                else:
+                    data = sock.recv(_RECV)
+                eof = not data
+            if eof:
+                if data:
+                    reader.feed(data)
                 msg = reader.feed_eof()
                 if msg is None:
                     raise ConnectionResetError("the plugin closed the connection")
                 return msg
             msg = reader.receive(data)
+            data = None
             if msg is not None:
                 return msg
             if timeout <= 0:
@@ -173,21 +223,33 @@ class PluginClient:
         self, route: str, data: bytes, timeout: float | None = None, extra_headers: bytes = b""
     ) -> Message:
         """Send one request and return the response (any status); raise typed errors."""
+        answer = self._call(route, data, timeout, extra_headers)
+        if isinstance(answer, bytes):
+            return Message("", "", 200, "OK", {b"content-length": b"%d" % len(answer)}, answer)
+        return answer
+
+    def request(self, route: str, data: bytes, timeout: float | None = None) -> bytes:
+        """Call ``route`` and return the body of a 200 answer; raise the typed error otherwise."""
+        answer = self._call(route, data, timeout, b"")
+        if isinstance(answer, bytes):
+            return answer
+        if answer.status == 200:
+            return answer.body
+        raise routes.error_from_response(answer, route)
+
+    def _call(
+        self, route: str, data: bytes, timeout: float | None, extra_headers: bytes
+    ) -> bytes | Message:
         if timeout is None:
             timeout = self._settings.call_timeout
         prefix = self._prefixes.get(route) if not extra_headers else None
         if prefix is None:
             prefix = self._prefix(route, extra_headers)
-        n = len(data)
-        if n < 65536:
-            request, body = b"%s%d\r\n\r\n%s" % (prefix, n, data), None
-        else:
-            request, body = b"%s%d\r\n\r\n" % (prefix, n), data
         conn = self._acquire()
         busy = self._busy
         busy.add(conn)
         try:
-            msg = conn.exchange(request, body, timeout)
+            answer = conn.call(prefix, data, timeout)
         except (BlockingIOError, TimeoutError):
             busy.discard(conn)
             conn.close()
@@ -213,18 +275,15 @@ class PluginClient:
             ) from None
         busy.discard(conn)
         conn.idle_sweeps = 0
-        if msg.keep_alive and not self._closed and msg.status not in _CLOSING_STATUSES:
+        if isinstance(answer, bytes):
+            keep = not self._closed
+        else:
+            keep = answer.keep_alive and not self._closed and answer.status not in _CLOSING_STATUSES
+        if keep:
             self._idle.append(conn)
         else:
             conn.close()
-        return msg
-
-    def request(self, route: str, data: bytes, timeout: float | None = None) -> bytes:
-        """Call ``route`` and return the body of a 200 answer; raise the typed error otherwise."""
-        msg = self.call(route, data, timeout)
-        if msg.status == 200:
-            return msg.body
-        raise routes.error_from_response(msg, route)
+        return answer
 
     def _prefix(self, route: str, extra_headers: bytes) -> bytes:
         path = self._path + b"/" + quote(route, safe="!$&'()*+,;=:@").encode("ascii")

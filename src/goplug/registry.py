@@ -147,13 +147,10 @@ class PluginHandle:
         if client is None:
             raise PluginNotLoaded(f"plugin {self.label} is not loaded ({self.state.value})")
         try:
-            msg = client.call(method, data, timeout)
+            return client.request(method, data, timeout)
         except PluginConnectionError:
             self._registry._check_alive(self, client)
             raise
-        if msg.status == 200:
-            return msg.body
-        raise routes.error_from_response(msg, method)
 
     def ping(self, *, timeout: float | None = None) -> float:
         """Check the plugin answers; return the round-trip time in seconds."""

@@ -23,6 +23,7 @@ from goplug.logs import LazyLogger
 from goplug.transport import (
     Transport,
     UnixTransport,
+    fastpath,
     peek,
     peer_uid,
     set_timeouts,
@@ -135,6 +136,9 @@ class Server:
         )
         self._conns: set[socket.socket] = set()
         self._routes: dict[str, str] = {}  # request target -> route, for repeated calls
+        # Request targets the C fast path answers by itself (filled as the Python path meets
+        # them, so both agree on which target is which method by construction).
+        self._fast_targets: dict[bytes, MethodFunc] = {}
         self._lock = threading.Lock()
         self._closing = False
         self._accept_thread = threading.Thread(
@@ -230,9 +234,45 @@ class Server:
         recv = conn.recv
         answer = self._answer
         receive = reader.receive
+        # Plain sockets without a shared token take the C fast path between Python requests.
+        plain = fastpath is not None and authorized and type(conn) is socket.socket
+        fd = conn.fileno() if plain else -1
+        max_body = settings.limits.max_body
         try:
             while True:
-                if not reader.in_message:
+                if fd >= 0 and not reader.in_message:
+                    outcome = fastpath.serve(
+                        fd, self._fast_targets, max_body, timeout, memory.tune_malloc
+                    )
+                    code = outcome[0]
+                    if outcome[1]:
+                        served = True
+                        idle_periods = 0
+                    if code == fastpath.DATA:
+                        msg = receive(outcome[2])
+                        if msg is None:
+                            continue
+                    elif code == fastpath.IDLE:
+                        idle_periods += 1
+                        if not served or idle_periods >= idle_limit:
+                            return
+                        continue
+                    elif code == fastpath.RAISED:
+                        served = True
+                        self._send_error(conn, 500, outcome[3])
+                        continue
+                    elif code == fastpath.RESULT:
+                        served = True
+                        target = outcome[2].decode("ascii")
+                        route = self._routes.get(target) or routes.route_of(target, self._prefix)
+                        self._reply(conn, route, outcome[3])
+                        continue
+                    elif code == fastpath.SLOW:
+                        self._refuse(conn, 408, "RequestTimeout", "the request took too long")
+                        return
+                    else:  # EOF
+                        return
+                elif not reader.in_message:
                     # The usual case: an idle connection, one whole request per recv.
                     try:
                         data = recv(_RECV)
@@ -305,21 +345,13 @@ class Server:
                 self._routes[target] = route
         method = self._methods.get(route)
         if method is not None:
+            if len(self._fast_targets) < 4096:
+                self._fast_targets[target.encode("ascii")] = method
             try:
                 body = method(msg.body)
-                if type(body) is not bytes:
-                    if isinstance(body, Awaitable):
-                        body = _AsyncRunner.run(body, self._loop)
-                    body = _as_bytes(body, route)
             except Exception as exc:
                 return self._send_error(conn, 500, exc)
-            n = len(body)
-            if n < 65536:
-                conn.sendall(b"%s%d\r\n\r\n%s" % (_OK_HEAD, n, body))
-            else:
-                conn.sendall(b"%s%d\r\n\r\n" % (_OK_HEAD, n))
-                conn.sendall(body)
-            return True
+            return self._reply(conn, route, body)
         if route == routes.PING:
             return self._send(conn, 200, msg.body)
         if route == routes.REGISTER_CALLBACK:
@@ -348,6 +380,24 @@ class Server:
             return self._send_error(conn, 400, ProtocolError("empty route"))
         body = routes.error_body("MethodNotFound", f"no method {route!r}")
         return self._send(conn, 404, body, _JSON)
+
+    def _reply(self, conn: socket.socket, route: str, result: object) -> bool:
+        """Answer with what a method returned: bytes, None, or an awaitable of either."""
+        try:
+            if type(result) is not bytes:
+                if isinstance(result, Awaitable):
+                    result = _AsyncRunner.run(result, self._loop)
+                result = _as_bytes(result, route)
+        except Exception as exc:
+            return self._send_error(conn, 500, exc)
+        assert isinstance(result, bytes)
+        n = len(result)
+        if n < 65536:
+            conn.sendall(b"%s%d\r\n\r\n%s" % (_OK_HEAD, n, result))
+        else:
+            conn.sendall(b"%s%d\r\n\r\n" % (_OK_HEAD, n))
+            conn.sendall(result)
+        return True
 
     def _poll(self, conn: socket.socket, msg: Message) -> bool:
         try:

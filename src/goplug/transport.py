@@ -27,6 +27,7 @@ __all__ = [
     "Transport",
     "UnixTransport",
     "check_owner",
+    "fastpath",
     "listening",
     "peek",
     "peer_pid",
@@ -43,6 +44,15 @@ log = LazyLogger("goplug.transport")
 MAX_UNIX_PATH = 103 if sys.platform == "darwin" else 107
 
 _UCRED = struct.Struct("3i")
+
+# The C fast path of a call (goplug/_fastpath.c) serves plain sockets; TLS sockets and
+# installs built without a compiler take the pure-Python path, as does GOPLUG_PURE_PYTHON=1.
+try:
+    if os.environ.get("GOPLUG_PURE_PYTHON", "") == "1":
+        raise ImportError("GOPLUG_PURE_PYTHON=1")
+    from goplug import _fastpath as fastpath
+except ImportError:
+    fastpath = None  # type: ignore[assignment]
 
 
 class Transport(Protocol):
@@ -227,9 +237,7 @@ class UnixTransport:
         import asyncio
 
         try:
-            return await asyncio.wait_for(
-                loop.create_unix_connection(factory, address), timeout
-            )
+            return await asyncio.wait_for(loop.create_unix_connection(factory, address), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise PluginConnectionError(
                 f"cannot connect to {address}: {exc or 'timed out'}"

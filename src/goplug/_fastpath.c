@@ -1,0 +1,522 @@
+/* The common case of a call, in C: one request and one "200 OK" answer on a plain socket.
+ *
+ * goplug/wire/http.py is the protocol; this file only recognises the exact messages goplug
+ * peers send for a call (a POST with Host and Content-Length, a 200 OK with Content-Length)
+ * and hands everything else back to the Python parser untouched, so it never has to
+ * understand more of HTTP than that. What it saves is the Python work around each system
+ * call: on a 64-byte call that work costs more than the round trip through the kernel.
+ *
+ * Both functions release the GIL around every system call. Timeouts are the socket's own
+ * (SO_RCVTIMEO/SO_SNDTIMEO, set by goplug.transport.set_timeouts): an expired one surfaces as
+ * EAGAIN, which becomes BlockingIOError exactly as it would from socket.recv.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#define RECV_SIZE 65536
+/* Bodies this large make the allocator worth tuning (goplug.memory). */
+#define LARGE_BODY (256 * 1024)
+
+/* Result codes of serve(); goplug/_fastpath.pyi names them. */
+enum { SERVE_EOF = 0, SERVE_IDLE = 1, SERVE_DATA = 2, SERVE_RAISED = 3, SERVE_RESULT = 4,
+       SERVE_SLOW = 5 };
+
+static const char OK_PREFIX[] = "HTTP/1.1 200 OK\r\nContent-Length: ";
+#define OK_PREFIX_LEN (sizeof(OK_PREFIX) - 1)
+static const char POST_PREFIX[] = "POST /";
+static const char HTTP11_HOST[] = " HTTP/1.1\r\nHost: ";
+static const char LENGTH_PREFIX[] = "\r\nContent-Length: ";
+
+static double
+monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Digits then CRLFCRLF in [p, end): the length, with *after set past the blank line; or -1. */
+static Py_ssize_t
+parse_length(const char *p, const char *end, const char **after)
+{
+    const char *start = p;
+    Py_ssize_t n = 0;
+    while (p < end && *p >= '0' && *p <= '9') {
+        if (p - start >= 18)
+            return -1;
+        n = n * 10 + (*p - '0');
+        p++;
+    }
+    if (p == start || end - p < 4 || memcmp(p, "\r\n\r\n", 4) != 0)
+        return -1;
+    *after = p + 4;
+    return n;
+}
+
+/* recv with the GIL released; >= 0 bytes, or -1 with errno set (EINTR retried). */
+static Py_ssize_t
+recv_some(int fd, char *buf, size_t len, int *err)
+{
+    for (;;) {
+        ssize_t got;
+        int saved;
+        Py_BEGIN_ALLOW_THREADS
+        got = recv(fd, buf, len, 0);
+        saved = errno;
+        Py_END_ALLOW_THREADS
+        if (got >= 0)
+            return got;
+        if (saved == EINTR) {
+            if (PyErr_CheckSignals() < 0) {
+                *err = 0; /* an exception is set */
+                return -1;
+            }
+            continue;
+        }
+        *err = saved;
+        return -1;
+    }
+}
+
+/* Send every byte of iov; 0, or -1 with an exception set. */
+static int
+send_all(int fd, struct iovec *iov, int iovcnt)
+{
+    while (iovcnt > 0) {
+        ssize_t sent;
+        int saved;
+        struct msghdr mh;
+        memset(&mh, 0, sizeof(mh));
+        mh.msg_iov = iov;
+        mh.msg_iovlen = (size_t)iovcnt;
+        Py_BEGIN_ALLOW_THREADS
+        sent = sendmsg(fd, &mh, MSG_NOSIGNAL);
+        saved = errno;
+        Py_END_ALLOW_THREADS
+        if (sent < 0) {
+            if (saved == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return -1;
+                continue;
+            }
+            errno = saved;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        while (iovcnt > 0 && (size_t)sent >= iov->iov_len) {
+            sent -= (ssize_t)iov->iov_len;
+            iov++;
+            iovcnt--;
+        }
+        if (iovcnt > 0) {
+            iov->iov_base = (char *)iov->iov_base + sent;
+            iov->iov_len -= (size_t)sent;
+        }
+    }
+    return 0;
+}
+
+static void
+set_recv_timeout(int fd, double seconds)
+{
+    struct timeval tv;
+    if (seconds < 0.001)
+        seconds = 0.001;
+    tv.tv_sec = (time_t)seconds;
+    tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
+    (void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+}
+
+static int
+call_tuner(PyObject *tune)
+{
+    PyObject *r;
+    if (tune == Py_None)
+        return 0;
+    r = PyObject_CallNoArgs(tune);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The fallback of exchange(): what arrived, for the Python parser, and whether the peer closed. */
+static PyObject *
+handback(const char *head, Py_ssize_t head_len, const char *rest, Py_ssize_t rest_len, int eof)
+{
+    PyObject *data = PyBytes_FromStringAndSize(NULL, head_len + rest_len);
+    if (data == NULL)
+        return NULL;
+    memcpy(PyBytes_AS_STRING(data), head, (size_t)head_len);
+    if (rest_len)
+        memcpy(PyBytes_AS_STRING(data) + head_len, rest, (size_t)rest_len);
+    return Py_BuildValue("(NO)", data, eof ? Py_True : Py_False);
+}
+
+static int
+as_fd(PyObject *obj)
+{
+    long fd = PyLong_AsLong(obj);
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "invalid file descriptor");
+        return -1;
+    }
+    return (int)fd;
+}
+
+PyDoc_STRVAR(exchange_doc,
+"exchange(fd, prefix, data, timeout, max_body, tune) -> bytes | tuple[bytes, bool]\n\n"
+"Send prefix + len(data) + CRLFCRLF + data; return the body of a plain 200 OK answer, or\n"
+"(received, eof) for the Python parser to finish.");
+
+static PyObject *
+fast_exchange(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd, err = 0;
+    Py_buffer data;
+    char length_line[32];
+    struct iovec iov[3];
+    double timeout, deadline;
+    Py_ssize_t max_body, got, n, have, head_len;
+    const char *after;
+    char *buf;
+    PyObject *body, *result = NULL;
+    int timeout_changed = 0;
+
+    (void)module;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "exchange() takes 6 arguments");
+        return NULL;
+    }
+    if ((fd = as_fd(args[0])) < 0)
+        return NULL;
+    if (!PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "prefix must be bytes");
+        return NULL;
+    }
+    timeout = PyFloat_AsDouble(args[3]);
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    max_body = PyLong_AsSsize_t(args[4]);
+    if (max_body == -1 && PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[2], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    deadline = monotonic() + timeout;
+
+    iov[0].iov_base = PyBytes_AS_STRING(args[1]);
+    iov[0].iov_len = (size_t)PyBytes_GET_SIZE(args[1]);
+    iov[1].iov_base = length_line;
+    iov[1].iov_len = (size_t)PyOS_snprintf(length_line, sizeof(length_line), "%zd\r\n\r\n",
+                                           data.len);
+    iov[2].iov_base = data.buf;
+    iov[2].iov_len = (size_t)data.len;
+    if (send_all(fd, iov, data.len ? 3 : 2) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    PyBuffer_Release(&data);
+
+    buf = PyMem_Malloc(RECV_SIZE);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    got = recv_some(fd, buf, RECV_SIZE, &err);
+    if (got < 0) {
+        if (err) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+        }
+        goto done;
+    }
+    if (got == 0) {
+        result = handback(buf, 0, NULL, 0, 1);
+        goto done;
+    }
+    if ((size_t)got < OK_PREFIX_LEN || memcmp(buf, OK_PREFIX, OK_PREFIX_LEN) != 0
+        || (n = parse_length(buf + OK_PREFIX_LEN, buf + got, &after)) < 0 || n > max_body) {
+        result = handback(buf, got, NULL, 0, 0);
+        goto done;
+    }
+    head_len = after - buf;
+    have = got - head_len;
+    if (have == n) {
+        result = PyBytes_FromStringAndSize(after, n);
+        goto done;
+    }
+    if (have > n) { /* bytes nobody asked for: the Python parser reports them */
+        result = handback(buf, got, NULL, 0, 0);
+        goto done;
+    }
+    if (n >= LARGE_BODY && call_tuner(args[5]) < 0)
+        goto done;
+    body = PyBytes_FromStringAndSize(NULL, n);
+    if (body == NULL)
+        goto done;
+    memcpy(PyBytes_AS_STRING(body), after, (size_t)have);
+    while (have < n) {
+        /* Nothing else holds body yet, so receiving into it without the GIL is safe. */
+        got = recv_some(fd, PyBytes_AS_STRING(body) + have, (size_t)(n - have), &err);
+        if (got < 0) {
+            if (err) {
+                errno = err;
+                PyErr_SetFromErrno(PyExc_OSError);
+            }
+            Py_DECREF(body);
+            goto done;
+        }
+        if (got == 0) {
+            result = handback(buf, head_len, PyBytes_AS_STRING(body), have, 1);
+            Py_DECREF(body);
+            goto done;
+        }
+        have += got;
+        if (have < n && timeout > 0) {
+            /* A response that trickles in: each recv is bounded by SO_RCVTIMEO; shrink it to
+               what is left of the call's timeout so the whole call stays within it. */
+            double remaining = deadline - monotonic();
+            if (remaining <= 0) {
+                Py_DECREF(body);
+                PyErr_SetString(PyExc_TimeoutError, "response not complete within the timeout");
+                goto done;
+            }
+            if (remaining < timeout - 0.05 && !timeout_changed) {
+                set_recv_timeout(fd, remaining);
+                timeout_changed = 1;
+            }
+        }
+    }
+    result = body;
+done:
+    PyMem_Free(buf);
+    return result;
+}
+
+/* A complete fast-form request at buf: its target, body bounds; or 0 if it is not one. */
+static int
+parse_post(const char *buf, Py_ssize_t got, const char **target, Py_ssize_t *target_len,
+           const char **body_start, Py_ssize_t *n)
+{
+    const char *end = buf + got, *p, *host_end;
+    if ((size_t)got < sizeof(POST_PREFIX) - 1 || memcmp(buf, POST_PREFIX, sizeof(POST_PREFIX) - 1))
+        return 0;
+    p = buf + 5; /* the target starts at its '/' */
+    *target = p;
+    while (p < end && *p > ' ' && *p < 0x7f)
+        p++;
+    *target_len = p - *target;
+    if ((size_t)(end - p) < sizeof(HTTP11_HOST) - 1
+        || memcmp(p, HTTP11_HOST, sizeof(HTTP11_HOST) - 1) != 0)
+        return 0;
+    p += sizeof(HTTP11_HOST) - 1;
+    host_end = memchr(p, '\n', (size_t)(end - p));
+    if (host_end == NULL || host_end == p || host_end[-1] != '\r')
+        return 0;
+    p = host_end - 1; /* at the CR that ends the Host line */
+    if ((size_t)(end - p) < sizeof(LENGTH_PREFIX) - 1
+        || memcmp(p, LENGTH_PREFIX, sizeof(LENGTH_PREFIX) - 1) != 0)
+        return 0;
+    p += sizeof(LENGTH_PREFIX) - 1;
+    *n = parse_length(p, end, body_start);
+    return *n >= 0;
+}
+
+PyDoc_STRVAR(serve_doc,
+"serve(fd, targets, max_body, timeout, tune) -> tuple\n\n"
+"Answer requests whose target is a key of targets (bytes -> method) until one needs the\n"
+"Python side; return (code, served, ...) as goplug/_fastpath.pyi describes.");
+
+static PyObject *
+fast_serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd, err = 0;
+    PyObject *targets, *tune, *result = NULL;
+    Py_ssize_t max_body, served = 0;
+    double timeout;
+    char *buf;
+
+    (void)module;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "serve() takes 5 arguments");
+        return NULL;
+    }
+    if ((fd = as_fd(args[0])) < 0)
+        return NULL;
+    targets = args[1];
+    if (!PyDict_Check(targets)) {
+        PyErr_SetString(PyExc_TypeError, "targets must be a dict");
+        return NULL;
+    }
+    max_body = PyLong_AsSsize_t(args[2]);
+    if (max_body == -1 && PyErr_Occurred())
+        return NULL;
+    timeout = PyFloat_AsDouble(args[3]);
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    tune = args[4];
+    buf = PyMem_Malloc(RECV_SIZE);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+
+    for (;;) {
+        const char *target, *body_start;
+        Py_ssize_t got, target_len, n, have, head_len;
+        PyObject *key, *method, *body, *answer;
+        char head[64];
+        struct iovec iov[2];
+
+        got = recv_some(fd, buf, RECV_SIZE, &err);
+        if (got < 0) {
+            if (err == EAGAIN || err == EWOULDBLOCK) {
+                result = Py_BuildValue("(in)", SERVE_IDLE, served);
+            } else if (err) {
+                errno = err;
+                PyErr_SetFromErrno(PyExc_OSError);
+            }
+            break;
+        }
+        if (got == 0) {
+            result = Py_BuildValue("(in)", SERVE_EOF, served);
+            break;
+        }
+        if (!parse_post(buf, got, &target, &target_len, &body_start, &n) || n > max_body
+            || (have = got - (head_len = body_start - buf)) > n) {
+            result = Py_BuildValue("(iny#)", SERVE_DATA, served, buf, got);
+            break;
+        }
+        key = PyBytes_FromStringAndSize(target, target_len);
+        if (key == NULL)
+            break;
+        method = PyDict_GetItemWithError(targets, key); /* borrowed */
+        if (method == NULL) {
+            Py_DECREF(key);
+            if (!PyErr_Occurred())
+                result = Py_BuildValue("(iny#)", SERVE_DATA, served, buf, got);
+            break;
+        }
+        Py_INCREF(method);
+        if (have == n) {
+            body = PyBytes_FromStringAndSize(body_start, n);
+        } else {
+            double deadline = monotonic() + timeout;
+            if (n >= LARGE_BODY && call_tuner(tune) < 0) {
+                Py_DECREF(key);
+                Py_DECREF(method);
+                break;
+            }
+            body = PyBytes_FromStringAndSize(NULL, n);
+            if (body != NULL)
+                memcpy(PyBytes_AS_STRING(body), body_start, (size_t)have);
+            while (body != NULL && have < n) {
+                got = recv_some(fd, PyBytes_AS_STRING(body) + have, (size_t)(n - have), &err);
+                if (got > 0) {
+                    have += got;
+                    if (have == n || monotonic() <= deadline)
+                        continue;
+                }
+                {
+                    int code = SERVE_SLOW;
+                    if (got == 0) {
+                        code = SERVE_EOF;
+                    } else if (got < 0 && err != EAGAIN && err != EWOULDBLOCK) {
+                        if (err) {
+                            errno = err;
+                            PyErr_SetFromErrno(PyExc_OSError);
+                        }
+                        code = -1;
+                    }
+                    if (code >= 0)
+                        result = Py_BuildValue("(in)", code, served);
+                    Py_CLEAR(body);
+                    break;
+                }
+            }
+            if (body == NULL) {
+                Py_DECREF(key);
+                Py_DECREF(method);
+                break;
+            }
+        }
+        if (body == NULL) {
+            Py_DECREF(key);
+            Py_DECREF(method);
+            break;
+        }
+        answer = PyObject_CallOneArg(method, body);
+        Py_DECREF(method);
+        Py_DECREF(body);
+        if (answer == NULL) {
+            PyObject *type, *value, *tb;
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) { /* KeyboardInterrupt, SystemExit */
+                Py_DECREF(key);
+                break;
+            }
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            if (tb != NULL && value != NULL)
+                PyException_SetTraceback(value, tb);
+            result = Py_BuildValue("(inNO)", SERVE_RAISED, served, key, value ? value : Py_None);
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+            break;
+        }
+        if (!PyBytes_CheckExact(answer)) {
+            result = Py_BuildValue("(inNN)", SERVE_RESULT, served, key, answer);
+            break;
+        }
+        Py_DECREF(key);
+        iov[0].iov_base = head;
+        iov[0].iov_len = (size_t)PyOS_snprintf(
+            head, sizeof(head), "HTTP/1.1 200 OK\r\nContent-Length: %zd\r\n\r\n",
+            PyBytes_GET_SIZE(answer));
+        iov[1].iov_base = PyBytes_AS_STRING(answer);
+        iov[1].iov_len = (size_t)PyBytes_GET_SIZE(answer);
+        if (send_all(fd, iov, iov[1].iov_len ? 2 : 1) < 0) {
+            Py_DECREF(answer);
+            break;
+        }
+        Py_DECREF(answer);
+        served++;
+    }
+    PyMem_Free(buf);
+    return result;
+}
+
+static PyMethodDef fastpath_methods[] = {
+    {"exchange", (PyCFunction)(void (*)(void))fast_exchange, METH_FASTCALL, exchange_doc},
+    {"serve", (PyCFunction)(void (*)(void))fast_serve, METH_FASTCALL, serve_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef fastpath_module = {
+    PyModuleDef_HEAD_INIT, "goplug._fastpath",
+    "The common case of a goplug call in C (see goplug/_fastpath.pyi).", -1, fastpath_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__fastpath(void)
+{
+    PyObject *m = PyModule_Create(&fastpath_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "EOF", SERVE_EOF) < 0
+        || PyModule_AddIntConstant(m, "IDLE", SERVE_IDLE) < 0
+        || PyModule_AddIntConstant(m, "DATA", SERVE_DATA) < 0
+        || PyModule_AddIntConstant(m, "RAISED", SERVE_RAISED) < 0
+        || PyModule_AddIntConstant(m, "RESULT", SERVE_RESULT) < 0
+        || PyModule_AddIntConstant(m, "SLOW", SERVE_SLOW) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,48 @@
+"""The common case of a goplug call in C (``_fastpath.c``); goplug.wire.http is the protocol."""
+
+from collections.abc import Callable
+from typing import Any
+
+EOF = 0
+"""serve(): the peer closed the connection."""
+IDLE = 1
+"""serve(): nothing arrived within the socket's receive timeout."""
+DATA = 2
+"""serve(): ``(DATA, served, received)``: a request for the Python parser."""
+RAISED = 3
+"""serve(): ``(RAISED, served, target, exception)``: the method raised."""
+RESULT = 4
+"""serve(): ``(RESULT, served, target, result)``: the method returned something not bytes."""
+SLOW = 5
+"""serve(): a request body did not arrive within the timeout."""
+
+def exchange(
+    fd: int,
+    prefix: bytes,
+    data: bytes,
+    timeout: float,
+    max_body: int,
+    tune: Callable[[], object] | None,
+    /,
+) -> bytes | tuple[bytes, bool]:
+    """Send ``prefix + len(data) + CRLFCRLF + data`` and read the answer.
+
+    Returns the body of a plain ``200 OK`` with a Content-Length, else ``(received, eof)`` for
+    the Python parser to finish. ``tune`` is called before a body of 256 KiB or more is
+    allocated. OSError as from ``socket.recv``/``sendall``; TimeoutError when a trickling
+    answer outlives ``timeout``.
+    """
+
+def serve(
+    fd: int,
+    targets: dict[bytes, Callable[[bytes], Any]],
+    max_body: int,
+    timeout: float,
+    tune: Callable[[], object] | None,
+    /,
+) -> tuple[Any, ...]:
+    """Answer requests whose target is a key of ``targets`` until one needs the Python side.
+
+    Returns ``(code, served, ...)``: see the codes above; ``served`` counts the requests
+    answered in this call.
+    """

@@ -1,0 +1,346 @@
+"""The C fast path of a call (goplug/_fastpath.c), on real socket pairs.
+
+Each case drives one side with the fast path and plays the other side by hand, byte for byte,
+so what the fast path must hand back to the Python parser is checked as precisely as what it
+answers by itself. The whole suite runs on the fast path too; test_pure_python.py runs the
+wire-level suites without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sysconfig
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from goplug import transport
+from goplug.transport import set_timeouts
+
+fastpath = transport.fastpath
+pytestmark = pytest.mark.skipif(
+    fastpath is None, reason="goplug._fastpath is not built (no C compiler) or is turned off"
+)
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: "
+PREFIX = b"POST /plugins/p/Echo HTTP/1.1\r\nHost: plugin\r\nContent-Length: "
+MAX = 64 * 1024 * 1024
+
+
+def test_extension_is_built_where_a_compiler_is() -> None:
+    if os.environ.get("GOPLUG_PURE_PYTHON") == "1":
+        pytest.skip("GOPLUG_PURE_PYTHON=1 turns the fast path off")
+    if not sysconfig.get_config_var("CC"):
+        pytest.skip("no C compiler known to this Python")
+    assert importlib.util.find_spec("goplug._fastpath") is not None
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    set_timeouts(a, 2.0)
+    set_timeouts(b, 2.0)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def read_request(sock: socket.socket, expected: int) -> bytes:
+    data = b""
+    while len(data) < expected:
+        chunk = sock.recv(expected - len(data))
+        assert chunk, "the fast path closed early"
+        data += chunk
+    return data
+
+
+def in_thread(fn: object) -> threading.Thread:
+    thread = threading.Thread(target=fn, daemon=True)  # type: ignore[arg-type]
+    thread.start()
+    return thread
+
+
+# ----------------------------------------------------------------------------- exchange
+
+
+def test_exchange_sends_the_request_and_returns_a_plain_ok_body(pair) -> None:
+    a, b = pair
+    request = PREFIX + b"5\r\n\r\nhello"
+
+    def plugin() -> None:
+        assert read_request(b, len(request)) == request
+        b.sendall(OK + b"3\r\n\r\nabc")
+
+    thread = in_thread(plugin)
+    assert fastpath.exchange(a.fileno(), PREFIX, b"hello", 2.0, MAX, None) == b"abc"
+    thread.join(5)
+
+
+def test_exchange_sends_an_empty_body_and_accepts_one(pair) -> None:
+    a, b = pair
+
+    def plugin() -> None:
+        assert read_request(b, len(PREFIX) + 5) == PREFIX + b"0\r\n\r\n"
+        b.sendall(OK + b"0\r\n\r\n")
+
+    thread = in_thread(plugin)
+    assert fastpath.exchange(a.fileno(), PREFIX, b"", 2.0, MAX, None) == b""
+    thread.join(5)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno",
+        b"HTTP/1.1 200 OK\r\nX-Goplug-Seq: 1\r\nContent-Length: 1\r\n\r\nx",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcEXTRA",  # bytes nobody asked for
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3",  # the head arrives in pieces
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n",  # over max_body
+        b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx",
+    ],
+)
+def test_exchange_hands_anything_else_back_untouched(pair, answer: bytes) -> None:
+    a, b = pair
+    b.sendall(answer)
+    received, eof = fastpath.exchange(a.fileno(), PREFIX, b"x", 2.0, MAX, None)
+    assert (received, eof) == (answer, False)
+
+
+def test_exchange_reports_the_peer_closing_before_an_answer(pair) -> None:
+    a, b = pair
+    b.shutdown(socket.SHUT_WR)
+    assert fastpath.exchange(a.fileno(), PREFIX, b"x", 2.0, MAX, None) == (b"", True)
+
+
+def test_exchange_hands_back_a_body_cut_short_with_eof(pair) -> None:
+    a, b = pair
+    head = OK + b"200000\r\n\r\n"
+    b.sendall(head + b"y" * 1000)
+    b.shutdown(socket.SHUT_WR)
+    received, eof = fastpath.exchange(a.fileno(), PREFIX, b"x", 2.0, MAX, None)
+    assert eof is True
+    assert received == head + b"y" * 1000
+
+
+def test_exchange_receives_a_large_body_in_pieces_and_tunes_once(pair) -> None:
+    a, b = pair
+    body = bytes(range(256)) * 4096  # 1 MiB
+    tuned: list[int] = []
+
+    def plugin() -> None:
+        read_request(b, len(PREFIX) + 5)
+        b.sendall(OK + b"%d\r\n\r\n" % len(body) + body[:1000])
+        for i in range(1000, len(body), 300_000):
+            b.sendall(body[i : i + 300_000])
+
+    thread = in_thread(plugin)
+    got = fastpath.exchange(a.fileno(), PREFIX, b"", 5.0, MAX, lambda: tuned.append(1))
+    thread.join(5)
+    assert got == body
+    assert tuned == [1]
+
+
+def test_exchange_sends_a_large_request_whole(pair) -> None:
+    a, b = pair
+    data = os.urandom(3 * 1024 * 1024)
+    head = PREFIX + b"%d\r\n\r\n" % len(data)
+
+    def plugin() -> None:
+        assert read_request(b, len(head) + len(data)) == head + data
+        b.sendall(OK + b"2\r\n\r\nok")
+
+    thread = in_thread(plugin)
+    assert fastpath.exchange(a.fileno(), PREFIX, data, 5.0, MAX, None) == b"ok"
+    thread.join(5)
+
+
+def test_exchange_times_out_on_a_silent_peer(pair) -> None:
+    a, _b = pair
+    set_timeouts(a, 0.2)
+    with pytest.raises(BlockingIOError):
+        fastpath.exchange(a.fileno(), PREFIX, b"x", 0.2, MAX, None)
+
+
+def test_exchange_bounds_a_trickling_body_by_the_call_timeout(pair) -> None:
+    a, b = pair
+    set_timeouts(a, 0.3)
+    stop = threading.Event()
+
+    def plugin() -> None:
+        b.sendall(OK + b"1000000\r\n\r\n")
+        while not stop.wait(0.05):  # a byte every 50 ms: each recv succeeds, the call must not
+            b.sendall(b"z")
+
+    thread = in_thread(plugin)
+    try:
+        with pytest.raises((TimeoutError, BlockingIOError)):
+            fastpath.exchange(a.fileno(), PREFIX, b"x", 0.3, MAX, None)
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_exchange_raises_the_errors_socket_calls_raise(pair) -> None:
+    a, b = pair
+    b.close()
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        fastpath.exchange(a.fileno(), PREFIX, b"x" * 100_000, 2.0, MAX, None)
+
+
+def test_exchange_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        fastpath.exchange(-1, PREFIX, b"", 1.0, MAX, None)
+    with pytest.raises(TypeError):
+        fastpath.exchange(0, "text", b"", 1.0, MAX, None)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def request(body: bytes, target: bytes = b"/plugins/p/Echo") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: plugin\r\nContent-Length: %d\r\n\r\n%s" % (
+        target,
+        len(body),
+        body,
+    )
+
+
+def answer_of(sock: socket.socket, body: bytes) -> bytes:
+    expected = OK + b"%d\r\n\r\n" % len(body) + body
+    return read_request(sock, len(expected))
+
+
+def test_serve_answers_known_targets_until_the_peer_closes(pair) -> None:
+    a, b = pair
+    targets = {b"/plugins/p/Echo": lambda data: data[::-1]}
+
+    def registry() -> None:
+        for body in (b"abc", b"", b"x" * 70_000):
+            a.sendall(request(body))
+            assert answer_of(a, body[::-1]) == OK + b"%d\r\n\r\n" % len(body) + body[::-1]
+        a.shutdown(socket.SHUT_WR)
+
+    thread = in_thread(registry)
+    assert fastpath.serve(b.fileno(), targets, MAX, 2.0, None) == (fastpath.EOF, 3)
+    thread.join(5)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        request(b"x", b"/plugins/p/Other"),  # not a target the Python side has met yet
+        b"POST /plugins/p/Echo HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer t\r\n"
+        b"Content-Length: 1\r\n\r\nx",
+        b"POST /plugins/p/Echo HTTP/1.1\r\nHost: p\r\nContent-Length: 1\r\n\r\nx" + request(b"y"),
+        b"POST /plugins/p/Echo HTTP/1.1\nHost: p\nContent-Length: 1\n\nx",
+        b"GET /plugins/p/Echo HTTP/1.1\r\nHost: p\r\n\r\n",
+        b"POST /plugins/p/Echo HTTP/1.1\r\nHost: p\r\nContent-Length: 99999999\r\n\r\n",
+        b"POST /plugins/p/Echo HTTP/1.1\r\nHost: p\r\nContent-Le",
+        b"garbage\r\n\r\n",
+    ],
+)
+def test_serve_hands_anything_else_back_untouched(pair, data: bytes) -> None:
+    a, b = pair
+    a.sendall(data)
+    targets = {b"/plugins/p/Echo": lambda d: d}
+    assert fastpath.serve(b.fileno(), targets, 1_000_000, 2.0, None) == (fastpath.DATA, 0, data)
+
+
+def test_serve_returns_what_a_method_raised(pair) -> None:
+    a, b = pair
+
+    def boom(data: bytes) -> bytes:
+        raise ValueError(data.decode())
+
+    a.sendall(request(b"bad input"))
+    code, served, target, exc = fastpath.serve(
+        b.fileno(), {b"/plugins/p/Echo": boom}, MAX, 2.0, None
+    )
+    assert (code, served, target) == (fastpath.RAISED, 0, b"/plugins/p/Echo")
+    assert isinstance(exc, ValueError)
+    assert str(exc) == "bad input"
+    assert exc.__traceback__ is not None
+
+
+def test_serve_lets_keyboard_interrupt_through(pair) -> None:
+    a, b = pair
+
+    def interrupted(data: bytes) -> bytes:
+        raise KeyboardInterrupt
+
+    a.sendall(request(b"x"))
+    with pytest.raises(KeyboardInterrupt):
+        fastpath.serve(b.fileno(), {b"/plugins/p/Echo": interrupted}, MAX, 2.0, None)
+
+
+def test_serve_returns_results_that_are_not_bytes(pair) -> None:
+    a, b = pair
+    a.sendall(request(b"x"))
+    outcome = fastpath.serve(b.fileno(), {b"/plugins/p/Echo": lambda d: None}, MAX, 2.0, None)
+    assert outcome == (fastpath.RESULT, 0, b"/plugins/p/Echo", None)
+
+
+def test_serve_reports_an_idle_connection(pair) -> None:
+    _a, b = pair
+    set_timeouts(b, 0.1)
+    assert fastpath.serve(b.fileno(), {}, MAX, 0.1, None) == (fastpath.IDLE, 0)
+
+
+def test_serve_receives_a_large_body_in_pieces(pair) -> None:
+    a, b = pair
+    body = os.urandom(2 * 1024 * 1024)
+    tuned: list[int] = []
+    got: list[bytes] = []
+
+    def registry() -> None:
+        data = request(body)
+        for i in range(0, len(data), 500_000):
+            a.sendall(data[i : i + 500_000])
+        answer_of(a, b"%d" % len(body))
+        a.shutdown(socket.SHUT_WR)
+
+    def method(data: bytes) -> bytes:
+        got.append(data)
+        return b"%d" % len(data)
+
+    thread = in_thread(registry)
+    outcome = fastpath.serve(
+        b.fileno(), {b"/plugins/p/Echo": method}, MAX, 5.0, lambda: tuned.append(1)
+    )
+    thread.join(5)
+    assert outcome == (fastpath.EOF, 1)
+    assert got == [body]
+    assert tuned == [1]
+
+
+def test_serve_gives_up_on_a_body_that_trickles_past_the_timeout(pair) -> None:
+    a, b = pair
+    set_timeouts(b, 0.3)
+    stop = threading.Event()
+
+    a.sendall(b"POST /plugins/p/Echo HTTP/1.1\r\nHost: p\r\nContent-Length: 1000000\r\n\r\nz")
+
+    def trickle() -> None:
+        while not stop.wait(0.05):
+            a.sendall(b"z")
+
+    thread = in_thread(trickle)
+    try:
+        outcome = fastpath.serve(b.fileno(), {b"/plugins/p/Echo": lambda d: d}, MAX, 0.3, None)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert outcome == (fastpath.SLOW, 0)
+
+
+def test_serve_reports_a_body_cut_short(pair) -> None:
+    a, b = pair
+    a.sendall(b"POST /plugins/p/Echo HTTP/1.1\r\nHost: p\r\nContent-Length: 10\r\n\r\nabc")
+    a.shutdown(socket.SHUT_WR)
+    outcome = fastpath.serve(b.fileno(), {b"/plugins/p/Echo": lambda d: d}, MAX, 2.0, None)
+    assert outcome == (fastpath.EOF, 0)
