@@ -60,22 +60,49 @@ parse_length(const char *p, const char *end, const char **after)
     return n;
 }
 
-/* recv with the GIL released; >= 0 bytes, or -1 with errno set (EINTR retried). */
+/* Send every byte of iov (none if iovcnt is 0), then receive once into buf, both in one stretch
+ * without the GIL (each release and re-acquire costs about as much as a system call).
+ * Returns the bytes received (0: the peer closed), or -1 with *err set to errno, or to 0 when
+ * a signal handler raised (the exception is set). EINTR is retried where it happened. */
 static Py_ssize_t
-recv_some(int fd, char *buf, size_t len, int *err)
+send_recv(int fd, struct iovec *iov, int iovcnt, char *buf, size_t len, int *err)
 {
     for (;;) {
-        ssize_t got;
-        int saved;
+        ssize_t got = 0;
+        int saved = 0;
         Py_BEGIN_ALLOW_THREADS
-        got = recv(fd, buf, len, 0);
-        saved = errno;
+        while (iovcnt > 0) {
+            struct msghdr mh;
+            ssize_t sent;
+            memset(&mh, 0, sizeof(mh));
+            mh.msg_iov = iov;
+            mh.msg_iovlen = (size_t)iovcnt;
+            sent = sendmsg(fd, &mh, MSG_NOSIGNAL);
+            if (sent < 0) {
+                saved = errno;
+                break;
+            }
+            while (iovcnt > 0 && (size_t)sent >= iov->iov_len) {
+                sent -= (ssize_t)iov->iov_len;
+                iov++;
+                iovcnt--;
+            }
+            if (iovcnt > 0) {
+                iov->iov_base = (char *)iov->iov_base + sent;
+                iov->iov_len -= (size_t)sent;
+            }
+        }
+        if (saved == 0) {
+            got = recv(fd, buf, len, 0);
+            if (got < 0)
+                saved = errno;
+        }
         Py_END_ALLOW_THREADS
-        if (got >= 0)
+        if (saved == 0)
             return got;
         if (saved == EINTR) {
             if (PyErr_CheckSignals() < 0) {
-                *err = 0; /* an exception is set */
+                *err = 0;
                 return -1;
             }
             continue;
@@ -85,42 +112,20 @@ recv_some(int fd, char *buf, size_t len, int *err)
     }
 }
 
-/* Send every byte of iov; 0, or -1 with an exception set. */
-static int
-send_all(int fd, struct iovec *iov, int iovcnt)
+static Py_ssize_t
+recv_some(int fd, char *buf, size_t len, int *err)
 {
-    while (iovcnt > 0) {
-        ssize_t sent;
-        int saved;
-        struct msghdr mh;
-        memset(&mh, 0, sizeof(mh));
-        mh.msg_iov = iov;
-        mh.msg_iovlen = (size_t)iovcnt;
-        Py_BEGIN_ALLOW_THREADS
-        sent = sendmsg(fd, &mh, MSG_NOSIGNAL);
-        saved = errno;
-        Py_END_ALLOW_THREADS
-        if (sent < 0) {
-            if (saved == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    return -1;
-                continue;
-            }
-            errno = saved;
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
-        }
-        while (iovcnt > 0 && (size_t)sent >= iov->iov_len) {
-            sent -= (ssize_t)iov->iov_len;
-            iov++;
-            iovcnt--;
-        }
-        if (iovcnt > 0) {
-            iov->iov_base = (char *)iov->iov_base + sent;
-            iov->iov_len -= (size_t)sent;
-        }
+    return send_recv(fd, NULL, 0, buf, len, err);
+}
+
+/* An OSError (of the subclass errno maps to) unless err is 0: then one is set already. */
+static void
+raise_errno(int err)
+{
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
     }
-    return 0;
 }
 
 static void
@@ -220,21 +225,15 @@ fast_exchange(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                                            data.len);
     iov[2].iov_base = data.buf;
     iov[2].iov_len = (size_t)data.len;
-    if (send_all(fd, iov, data.len ? 3 : 2) < 0) {
-        PyBuffer_Release(&data);
-        return NULL;
-    }
-    PyBuffer_Release(&data);
-
     buf = PyMem_Malloc(RECV_SIZE);
-    if (buf == NULL)
+    if (buf == NULL) {
+        PyBuffer_Release(&data);
         return PyErr_NoMemory();
-    got = recv_some(fd, buf, RECV_SIZE, &err);
+    }
+    got = send_recv(fd, iov, data.len ? 3 : 2, buf, RECV_SIZE, &err);
+    PyBuffer_Release(&data);
     if (got < 0) {
-        if (err) {
-            errno = err;
-            PyErr_SetFromErrno(PyExc_OSError);
-        }
+        raise_errno(err);
         goto done;
     }
     if (got == 0) {
@@ -266,10 +265,7 @@ fast_exchange(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         /* Nothing else holds body yet, so receiving into it without the GIL is safe. */
         got = recv_some(fd, PyBytes_AS_STRING(body) + have, (size_t)(n - have), &err);
         if (got < 0) {
-            if (err) {
-                errno = err;
-                PyErr_SetFromErrno(PyExc_OSError);
-            }
+            raise_errno(err);
             Py_DECREF(body);
             goto done;
         }
@@ -329,6 +325,44 @@ parse_post(const char *buf, Py_ssize_t got, const char **target, Py_ssize_t *tar
     return *n >= 0;
 }
 
+/* The rest of a body that did not come with its head, received straight into it.
+ * Returns the body, or NULL with *code set: SERVE_EOF, SERVE_SLOW, or -1 (an exception). */
+static PyObject *
+receive_body(int fd, const char *start, Py_ssize_t have, Py_ssize_t n, double timeout,
+             PyObject *tune, int *code)
+{
+    double deadline = monotonic() + timeout;
+    PyObject *body;
+    int err = 0;
+
+    *code = -1;
+    if (n >= LARGE_BODY && call_tuner(tune) < 0)
+        return NULL;
+    body = PyBytes_FromStringAndSize(NULL, n);
+    if (body == NULL)
+        return NULL;
+    memcpy(PyBytes_AS_STRING(body), start, (size_t)have);
+    while (have < n) {
+        /* Nothing else holds body yet, so receiving into it without the GIL is safe. */
+        Py_ssize_t got = recv_some(fd, PyBytes_AS_STRING(body) + have, (size_t)(n - have), &err);
+        if (got > 0) {
+            have += got;
+            if (have == n || monotonic() <= deadline)
+                continue;
+            *code = SERVE_SLOW;
+        } else if (got == 0) {
+            *code = SERVE_EOF;
+        } else if (err == EAGAIN || err == EWOULDBLOCK) {
+            *code = SERVE_SLOW;
+        } else {
+            raise_errno(err);
+        }
+        Py_DECREF(body);
+        return NULL;
+    }
+    return body;
+}
+
 PyDoc_STRVAR(serve_doc,
 "serve(fd, targets, max_body, timeout, tune) -> tuple\n\n"
 "Answer requests whose target is a key of targets (bytes -> method) until one needs the\n"
@@ -337,10 +371,15 @@ PyDoc_STRVAR(serve_doc,
 static PyObject *
 fast_serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    int fd, err = 0;
+    int fd, err = 0, code;
     PyObject *targets, *tune, *result = NULL;
+    PyObject *key = NULL, *method = NULL; /* the last target met, and its method */
+    PyObject *answer = NULL;              /* sent with the next receive */
     Py_ssize_t max_body, served = 0;
     double timeout;
+    char head[64];
+    struct iovec iov[2];
+    int iovcnt = 0;
     char *buf;
 
     (void)module;
@@ -368,19 +407,17 @@ fast_serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
     for (;;) {
         const char *target, *body_start;
-        Py_ssize_t got, target_len, n, have, head_len;
-        PyObject *key, *method, *body, *answer;
-        char head[64];
-        struct iovec iov[2];
+        Py_ssize_t got, target_len, n, have;
+        PyObject *body;
 
-        got = recv_some(fd, buf, RECV_SIZE, &err);
+        got = send_recv(fd, iov, iovcnt, buf, RECV_SIZE, &err);
+        Py_CLEAR(answer);
+        iovcnt = 0;
         if (got < 0) {
-            if (err == EAGAIN || err == EWOULDBLOCK) {
+            if (err == EAGAIN || err == EWOULDBLOCK)
                 result = Py_BuildValue("(in)", SERVE_IDLE, served);
-            } else if (err) {
-                errno = err;
-                PyErr_SetFromErrno(PyExc_OSError);
-            }
+            else
+                raise_errno(err);
             break;
         }
         if (got == 0) {
@@ -388,105 +425,69 @@ fast_serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
         if (!parse_post(buf, got, &target, &target_len, &body_start, &n) || n > max_body
-            || (have = got - (head_len = body_start - buf)) > n) {
+            || (have = got - (body_start - buf)) > n) {
             result = Py_BuildValue("(iny#)", SERVE_DATA, served, buf, got);
             break;
         }
-        key = PyBytes_FromStringAndSize(target, target_len);
-        if (key == NULL)
-            break;
-        method = PyDict_GetItemWithError(targets, key); /* borrowed */
-        if (method == NULL) {
-            Py_DECREF(key);
-            if (!PyErr_Occurred())
-                result = Py_BuildValue("(iny#)", SERVE_DATA, served, buf, got);
-            break;
+        if (key == NULL || PyBytes_GET_SIZE(key) != target_len
+            || memcmp(PyBytes_AS_STRING(key), target, (size_t)target_len) != 0) {
+            Py_CLEAR(key);
+            Py_CLEAR(method);
+            key = PyBytes_FromStringAndSize(target, target_len);
+            if (key == NULL)
+                break;
+            method = PyDict_GetItemWithError(targets, key); /* borrowed */
+            if (method == NULL) {
+                if (!PyErr_Occurred())
+                    result = Py_BuildValue("(iny#)", SERVE_DATA, served, buf, got);
+                break;
+            }
+            Py_INCREF(method);
         }
-        Py_INCREF(method);
         if (have == n) {
             body = PyBytes_FromStringAndSize(body_start, n);
+            if (body == NULL)
+                break;
         } else {
-            double deadline = monotonic() + timeout;
-            if (n >= LARGE_BODY && call_tuner(tune) < 0) {
-                Py_DECREF(key);
-                Py_DECREF(method);
-                break;
-            }
-            body = PyBytes_FromStringAndSize(NULL, n);
-            if (body != NULL)
-                memcpy(PyBytes_AS_STRING(body), body_start, (size_t)have);
-            while (body != NULL && have < n) {
-                got = recv_some(fd, PyBytes_AS_STRING(body) + have, (size_t)(n - have), &err);
-                if (got > 0) {
-                    have += got;
-                    if (have == n || monotonic() <= deadline)
-                        continue;
-                }
-                {
-                    int code = SERVE_SLOW;
-                    if (got == 0) {
-                        code = SERVE_EOF;
-                    } else if (got < 0 && err != EAGAIN && err != EWOULDBLOCK) {
-                        if (err) {
-                            errno = err;
-                            PyErr_SetFromErrno(PyExc_OSError);
-                        }
-                        code = -1;
-                    }
-                    if (code >= 0)
-                        result = Py_BuildValue("(in)", code, served);
-                    Py_CLEAR(body);
-                    break;
-                }
-            }
+            body = receive_body(fd, body_start, have, n, timeout, tune, &code);
             if (body == NULL) {
-                Py_DECREF(key);
-                Py_DECREF(method);
+                if (code >= 0)
+                    result = Py_BuildValue("(in)", code, served);
                 break;
             }
-        }
-        if (body == NULL) {
-            Py_DECREF(key);
-            Py_DECREF(method);
-            break;
         }
         answer = PyObject_CallOneArg(method, body);
-        Py_DECREF(method);
         Py_DECREF(body);
         if (answer == NULL) {
             PyObject *type, *value, *tb;
-            if (!PyErr_ExceptionMatches(PyExc_Exception)) { /* KeyboardInterrupt, SystemExit */
-                Py_DECREF(key);
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) /* KeyboardInterrupt, SystemExit */
                 break;
-            }
             PyErr_Fetch(&type, &value, &tb);
             PyErr_NormalizeException(&type, &value, &tb);
             if (tb != NULL && value != NULL)
                 PyException_SetTraceback(value, tb);
-            result = Py_BuildValue("(inNO)", SERVE_RAISED, served, key, value ? value : Py_None);
+            result = Py_BuildValue("(inOO)", SERVE_RAISED, served, key, value ? value : Py_None);
             Py_XDECREF(type);
             Py_XDECREF(value);
             Py_XDECREF(tb);
             break;
         }
         if (!PyBytes_CheckExact(answer)) {
-            result = Py_BuildValue("(inNN)", SERVE_RESULT, served, key, answer);
+            result = Py_BuildValue("(inOO)", SERVE_RESULT, served, key, answer);
             break;
         }
-        Py_DECREF(key);
         iov[0].iov_base = head;
         iov[0].iov_len = (size_t)PyOS_snprintf(
             head, sizeof(head), "HTTP/1.1 200 OK\r\nContent-Length: %zd\r\n\r\n",
             PyBytes_GET_SIZE(answer));
         iov[1].iov_base = PyBytes_AS_STRING(answer);
         iov[1].iov_len = (size_t)PyBytes_GET_SIZE(answer);
-        if (send_all(fd, iov, iov[1].iov_len ? 2 : 1) < 0) {
-            Py_DECREF(answer);
-            break;
-        }
-        Py_DECREF(answer);
+        iovcnt = iov[1].iov_len ? 2 : 1;
         served++;
     }
+    Py_XDECREF(answer);
+    Py_XDECREF(key);
+    Py_XDECREF(method);
     PyMem_Free(buf);
     return result;
 }
