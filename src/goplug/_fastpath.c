@@ -112,12 +112,6 @@ send_recv(int fd, struct iovec *iov, int iovcnt, char *buf, size_t len, int *err
     }
 }
 
-static Py_ssize_t
-recv_some(int fd, char *buf, size_t len, int *err)
-{
-    return send_recv(fd, NULL, 0, buf, len, err);
-}
-
 /* An OSError (of the subclass errno maps to) unless err is 0: then one is set already. */
 static void
 raise_errno(int err)
@@ -137,6 +131,54 @@ set_recv_timeout(int fd, double seconds)
     tv.tv_sec = (time_t)seconds;
     tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
     (void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+}
+
+/* Receive into dst until *have reaches n, without the GIL throughout (a large body takes
+ * several receives; re-acquiring the GIL between them only costs). Each recv is bounded by SO_RCVTIMEO, the whole by
+ * deadline (when timeout > 0; with shrink, SO_RCVTIMEO is cut to what is left of it once it is
+ * shorter). Returns 1 when complete, 0 when the peer closed first, -1 with *err set to errno,
+ * ETIMEDOUT past the deadline, or 0 when a signal handler raised (the exception is set). */
+static int
+recv_rest(int fd, char *dst, Py_ssize_t *have, Py_ssize_t n, double deadline, double timeout,
+          int shrink, int *err)
+{
+    for (;;) {
+        int status = 1, saved = 0;
+        Py_ssize_t done = *have;
+        Py_BEGIN_ALLOW_THREADS
+        while (done < n) {
+            ssize_t got = recv(fd, dst + done, (size_t)(n - done), 0);
+            if (got <= 0) {
+                saved = got < 0 ? errno : 0;
+                status = got < 0 ? -1 : 0;
+                break;
+            }
+            done += got;
+            if (done < n && timeout > 0) {
+                double remaining = deadline - monotonic();
+                if (remaining <= 0) {
+                    saved = ETIMEDOUT;
+                    status = -1;
+                    break;
+                }
+                if (shrink && remaining < timeout - 0.05) {
+                    set_recv_timeout(fd, remaining);
+                    shrink = 0;
+                }
+            }
+        }
+        Py_END_ALLOW_THREADS
+        *have = done;
+        if (status == -1 && saved == EINTR) {
+            if (PyErr_CheckSignals() < 0) {
+                *err = 0;
+                return -1;
+            }
+            continue;
+        }
+        *err = saved;
+        return status;
+    }
 }
 
 static int
@@ -195,7 +237,7 @@ fast_exchange(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     const char *after;
     char *buf;
     PyObject *body, *result = NULL;
-    int timeout_changed = 0;
+    int status;
 
     (void)module;
     if (nargs != 6) {
@@ -261,34 +303,20 @@ fast_exchange(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (body == NULL)
         goto done;
     memcpy(PyBytes_AS_STRING(body), after, (size_t)have);
-    while (have < n) {
-        /* Nothing else holds body yet, so receiving into it without the GIL is safe. */
-        got = recv_some(fd, PyBytes_AS_STRING(body) + have, (size_t)(n - have), &err);
-        if (got < 0) {
+    /* Nothing else holds body yet, so receiving into it without the GIL is safe. */
+    status = recv_rest(fd, PyBytes_AS_STRING(body), &have, n, deadline, timeout, 1, &err);
+    if (status == 0) {
+        result = handback(buf, head_len, PyBytes_AS_STRING(body), have, 1);
+        Py_DECREF(body);
+        goto done;
+    }
+    if (status < 0) {
+        if (err == ETIMEDOUT)
+            PyErr_SetString(PyExc_TimeoutError, "response not complete within the timeout");
+        else
             raise_errno(err);
-            Py_DECREF(body);
-            goto done;
-        }
-        if (got == 0) {
-            result = handback(buf, head_len, PyBytes_AS_STRING(body), have, 1);
-            Py_DECREF(body);
-            goto done;
-        }
-        have += got;
-        if (have < n && timeout > 0) {
-            /* A response that trickles in: each recv is bounded by SO_RCVTIMEO; shrink it to
-               what is left of the call's timeout so the whole call stays within it. */
-            double remaining = deadline - monotonic();
-            if (remaining <= 0) {
-                Py_DECREF(body);
-                PyErr_SetString(PyExc_TimeoutError, "response not complete within the timeout");
-                goto done;
-            }
-            if (remaining < timeout - 0.05 && !timeout_changed) {
-                set_recv_timeout(fd, remaining);
-                timeout_changed = 1;
-            }
-        }
+        Py_DECREF(body);
+        goto done;
     }
     result = body;
 done:
@@ -333,7 +361,7 @@ receive_body(int fd, const char *start, Py_ssize_t have, Py_ssize_t n, double ti
 {
     double deadline = monotonic() + timeout;
     PyObject *body;
-    int err = 0;
+    int err = 0, status;
 
     *code = -1;
     if (n >= LARGE_BODY && call_tuner(tune) < 0)
@@ -342,25 +370,18 @@ receive_body(int fd, const char *start, Py_ssize_t have, Py_ssize_t n, double ti
     if (body == NULL)
         return NULL;
     memcpy(PyBytes_AS_STRING(body), start, (size_t)have);
-    while (have < n) {
-        /* Nothing else holds body yet, so receiving into it without the GIL is safe. */
-        Py_ssize_t got = recv_some(fd, PyBytes_AS_STRING(body) + have, (size_t)(n - have), &err);
-        if (got > 0) {
-            have += got;
-            if (have == n || monotonic() <= deadline)
-                continue;
-            *code = SERVE_SLOW;
-        } else if (got == 0) {
-            *code = SERVE_EOF;
-        } else if (err == EAGAIN || err == EWOULDBLOCK) {
-            *code = SERVE_SLOW;
-        } else {
-            raise_errno(err);
-        }
-        Py_DECREF(body);
-        return NULL;
-    }
-    return body;
+    /* Nothing else holds body yet, so receiving into it without the GIL is safe. */
+    status = recv_rest(fd, PyBytes_AS_STRING(body), &have, n, deadline, timeout, 0, &err);
+    if (status == 1)
+        return body;
+    if (status == 0)
+        *code = SERVE_EOF;
+    else if (err == ETIMEDOUT || err == EAGAIN || err == EWOULDBLOCK)
+        *code = SERVE_SLOW;
+    else
+        raise_errno(err);
+    Py_DECREF(body);
+    return NULL;
 }
 
 PyDoc_STRVAR(serve_doc,
