@@ -18,6 +18,7 @@ prints ``ready`` once it listens and serves until SIGTERM (or until its parent g
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -39,8 +40,10 @@ from common import (
     budget_for,
     latency_summary,
     make_payload,
+    measure_tasks,
     measure_threads,
     pyc_env,
+    run_async,
     temp_dir,
     wait_ready_line,
 )
@@ -163,6 +166,77 @@ def rtt_raw(ctx: RowContext) -> dict[str, Any]:
             for c in clients:
                 c.close()
         return _finish(ctx, procs, m.summary(ctx.size))
+
+
+# =========================================================================== raw-aio
+
+
+class _RawAioProtocol(asyncio.BufferedProtocol):
+    """The raw-uds exchange on an event loop: each answer lands in one reused buffer."""
+
+    def __init__(self, size: int) -> None:
+        self.buf = bytearray(max(CHUNK, 4 + size))
+        self.view = memoryview(self.buf)
+        self.got = 0
+        self.waiter: asyncio.Future[int] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view[self.got :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.got += nbytes
+        if self.got >= 4:
+            total = 4 + HEADER.unpack_from(self.buf)[0]
+            if self.got >= total:
+                waiter, self.waiter, self.got = self.waiter, None, 0
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(total - 4)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("server closed"))
+
+
+def rtt_raw_aio(ctx: RowContext) -> dict[str, Any]:
+    """raw-aio: the raw-uds server, asyncio clients (one connection and task per caller)."""
+    payload = make_payload(ctx.size)
+    frame = HEADER.pack(len(payload)) + payload
+
+    async def measure(sock: str) -> Any:
+        loop = asyncio.get_running_loop()
+        calls = []
+        transports = []
+        for _ in range(ctx.callers):
+            transport, proto = await loop.create_unix_connection(
+                lambda: _RawAioProtocol(ctx.size), sock
+            )
+            transports.append(transport)
+
+            async def call(proto: _RawAioProtocol = proto, transport: Any = transport) -> int:
+                proto.waiter = loop.create_future()
+                transport.write(frame)
+                return await proto.waiter
+
+            if await call() != len(payload) or proto.view[: len(frame)] != frame:
+                raise RuntimeError("raw echo returned different bytes")
+            calls.append(call)
+        try:
+            return await measure_tasks(calls, _budget(ctx))
+        finally:
+            for transport in transports:
+                transport.close()
+
+    with temp_dir() as d, Procs() as procs:
+        sock = os.path.join(d, "raw.sock")
+        _start_server(procs, "raw", sock)
+        m = run_async(measure(sock), ctx.aio_loop)
+        summary = _finish(ctx, procs, m.summary(ctx.size))
+    summary["notes"].append(f"event loop: {ctx.aio_loop}")
+    return summary
 
 
 # =========================================================================== stdlib-http

@@ -44,10 +44,14 @@ SUBJECTS = (
     ("raw-uds", "reference", "reference", "rtt_raw"),
     ("grpc-uds", "reference", "reference", "rtt_grpc"),
     ("stdlib-http", "reference", "reference", "rtt_http"),
+    ("raw-aio", "reference", "reference", "rtt_raw_aio"),
     ("goplug-sync", "goplug", "goplug_rows", "rtt_sync"),
     ("goplug-aio", "aio", "goplug_rows", "rtt_aio"),
     ("goplug-node", "node", "goplug_rows", "rtt_node"),
 )
+# raw-aio is the floor of an asyncio client (the goplug-aio rows' event loop) on the raw-uds
+# server: measured for the small payloads, where the event loop is what it shows.
+SMALL_ONLY = frozenset({"raw-aio"})
 # Round trips over TCP + mutual TLS on loopback (tls_rows.py): (subject, group, function) and
 # the (payload, callers) each is measured with; raw-tls is the floor of the goplug-tls rows.
 TLS_SUBJECTS = (
@@ -62,9 +66,17 @@ BUSY = 0.25  # cores used by other processes during a row, above which the table
 QUICK_ROWS = (
     *(
         f"{s}-64B-1"
-        for s in ("raw-uds", "grpc-uds", "stdlib-http", "goplug-sync", "goplug-aio", "goplug-node")
+        for s in (
+            "raw-uds",
+            "grpc-uds",
+            "stdlib-http",
+            "raw-aio",
+            "goplug-sync",
+            "goplug-aio",
+            "goplug-node",
+        )
     ),
-    *(f"{s}-64B-8" for s in ("raw-uds", "goplug-sync", "goplug-aio")),
+    *(f"{s}-64B-8" for s in ("raw-uds", "raw-aio", "goplug-sync", "goplug-aio")),
     *(f"{s}-{p}-1" for p in ("4KiB", "1MiB", "16MiB") for s in ("raw-uds", "goplug-sync")),
     *(f"goplug-aio-{p}-1" for p in ("1MiB", "16MiB")),
     "goplug-callback",
@@ -107,6 +119,8 @@ RATIOS = (
         )
     ),
     ("goplug-launch-flood-1core", "quiet_p50_us", "goplug-sync-64B-1", "p50_us", "quiet_vs_sync"),
+    ("goplug-aio-64B-1", "p50_us", "raw-aio-64B-1", "p50_us", "p50_vs_raw_aio"),
+    ("goplug-aio-64B-8", "calls_per_s", "raw-aio-64B-8", "calls_per_s", "calls_vs_raw_aio"),
 )
 
 
@@ -134,6 +148,8 @@ def all_rows() -> list[RowSpec]:
             else:
                 headline = "p50_us" if callers == 1 else "calls_per_s"
             for subject, group, module, func in SUBJECTS:
+                if subject in SMALL_ONLY and payload in BULK:
+                    continue
                 rows.append(
                     RowSpec(
                         name=f"{subject}-{payload}-{callers}",
@@ -749,6 +765,10 @@ def _extra_text(row: dict[str, Any]) -> str:
     if name == "goplug-scale-500" and row.get("rss_host_kib") is not None:
         return f"(host RSS {fmt(row['rss_host_kib'])} KiB)"
     ratios = row.get("ratios") or {}
+    if name == "goplug-aio-64B-1" and "p50_vs_raw_aio" in ratios:
+        return f"(p50 {ratios['p50_vs_raw_aio']:.2f}x raw-aio, the same event loop's floor)"
+    if name == "goplug-aio-64B-8" and "calls_vs_raw_aio" in ratios:
+        return f"(calls/s {ratios['calls_vs_raw_aio']:.2f}x raw-aio)"
     if name == "goplug-launch-cold-start":
         parts = ["p50/p99 = launch() -> handle"]
         if "p50_vs_cold_start" in ratios:
