@@ -175,3 +175,35 @@ def test_aio_launch_supervises_like_the_sync_registry(plugin_dir: Path) -> None:
         assert proc.state == "stopped" and proc.exit_code == 0
 
     asyncio.run(main())
+
+
+def test_aio_timeouts_of_concurrent_calls_each_hold(plugin_dir: Path, spawn: Spawner) -> None:
+    """One timer serves a pool's calls: each call still ends at its own deadline."""
+    spawn(plugin_dir, "Timeouts")
+
+    async def main() -> None:
+        async with aio.PluginRegistry(plugin_dir) as registry:
+            await until(lambda: registry.is_loaded("Timeouts"))
+            handle = registry.get_plugin("Timeouts")
+            assert handle is not None
+            loop = asyncio.get_running_loop()
+            assert await handle.execute("Echo", b"x") == b"x"  # a pending 30 s deadline
+            started = loop.time()
+            patient, short, shorter = await asyncio.gather(
+                handle.execute("Sleep", b"0.6", timeout=10),
+                handle.execute("Sleep", b"10", timeout=0.4),
+                handle.execute("Sleep", b"10", timeout=0.2),
+                return_exceptions=True,
+            )
+            assert patient == b"slept"
+            assert isinstance(short, goplug.CallTimeout)
+            assert isinstance(shorter, goplug.CallTimeout)
+            assert loop.time() - started < 5
+            # The timer fired and re-armed: a later short call still times out on time.
+            started = loop.time()
+            with pytest.raises(goplug.CallTimeout):
+                await handle.execute("Sleep", b"10", timeout=0.3)
+            assert loop.time() - started < 3
+            assert await handle.execute("Echo", b"after") == b"after"
+
+    asyncio.run(main())

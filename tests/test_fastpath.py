@@ -344,3 +344,23 @@ def test_serve_reports_a_body_cut_short(pair) -> None:
     a.shutdown(socket.SHUT_WR)
     outcome = fastpath.serve(b.fileno(), {b"/plugins/p/Echo": lambda d: d}, MAX, 2.0, None)
     assert outcome == (fastpath.EOF, 0)
+
+
+# ----------------------------------------------------------------------------- ok_body
+
+
+@pytest.mark.parametrize(
+    ("data", "body"),
+    [
+        (OK + b"3\r\n\r\nabc", b"abc"),
+        (OK + b"0\r\n\r\n", b""),
+        (OK + b"3\r\n\r\nab", None),  # not all there yet
+        (OK + b"3\r\n\r\nabcd", None),  # more than one answer
+        (OK + b"3\r\nX-Goplug-Seq: 1\r\n\r\nabc", None),
+        (b"HTTP/1.1 404 Not Found\r\nContent-Length: 1\r\n\r\nx", None),
+        (OK + b"99\r\n\r\n" + b"x" * 99, None),  # over max_body
+        (OK + b"x\r\n\r\n", None),
+    ],
+)
+def test_ok_body_takes_exactly_one_whole_plain_answer(data: bytes, body: bytes | None) -> None:
+    assert fastpath.ok_body(data, 50) == body

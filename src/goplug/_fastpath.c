@@ -324,6 +324,33 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(ok_body_doc,
+"ok_body(data, max_body) -> bytes | None\n\n"
+"The body if data is exactly one whole plain 200 OK with a Content-Length, else None.");
+
+static PyObject *
+fast_ok_body(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *buf, *after;
+    Py_ssize_t len, n, max_body;
+
+    (void)module;
+    if (nargs != 2 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "ok_body() takes bytes and a size");
+        return NULL;
+    }
+    max_body = PyLong_AsSsize_t(args[1]);
+    if (max_body == -1 && PyErr_Occurred())
+        return NULL;
+    buf = PyBytes_AS_STRING(args[0]);
+    len = PyBytes_GET_SIZE(args[0]);
+    if ((size_t)len < OK_PREFIX_LEN || memcmp(buf, OK_PREFIX, OK_PREFIX_LEN) != 0
+        || (n = parse_length(buf + OK_PREFIX_LEN, buf + len, &after)) < 0 || n > max_body
+        || (after - buf) + n != len)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize(after, n);
+}
+
 /* A complete fast-form request at buf: its target, body bounds; or 0 if it is not one. */
 static int
 parse_post(const char *buf, Py_ssize_t got, const char **target, Py_ssize_t *target_len,
@@ -516,6 +543,7 @@ fast_serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef fastpath_methods[] = {
     {"exchange", (PyCFunction)(void (*)(void))fast_exchange, METH_FASTCALL, exchange_doc},
     {"serve", (PyCFunction)(void (*)(void))fast_serve, METH_FASTCALL, serve_doc},
+    {"ok_body", (PyCFunction)(void (*)(void))fast_ok_body, METH_FASTCALL, ok_body_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -46,3 +46,6 @@ def serve(
     Returns ``(code, served, ...)``: see the codes above; ``served`` counts the requests
     answered in this call.
     """
+
+def ok_body(data: bytes, max_body: int, /) -> bytes | None:
+    """The body if ``data`` is exactly one whole plain ``200 OK`` with a Content-Length."""

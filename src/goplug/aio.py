@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import cast
 
+from goplug import memory
 from goplug import plugin as _plugin
 from goplug import registry as _registry
 from goplug.client import PluginClient, Subscription
@@ -36,7 +37,7 @@ from goplug.errors import (
 )
 from goplug.launcher import PluginProcess, RestartPolicy
 from goplug.registry import PluginEvent, PluginState, RegistrySettings
-from goplug.transport import Transport
+from goplug.transport import Transport, fastpath
 from goplug.wire import routes
 from goplug.wire.http import FramingError, Limits, Message, MessageReader
 
@@ -51,6 +52,8 @@ Callback = Callable[[bytes], object]
 # Most connections one event loop opens to one plugin; more concurrent calls wait for one.
 _MAX_CONNECTIONS = 64
 _WRITE_PIECE = 256 * 1024
+_RECV = 65536
+_BIG_RECV = 1024 * 1024  # receive size while a large body is coming
 
 
 class _Connection(asyncio.Protocol):
@@ -58,14 +61,23 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, limits: Limits) -> None:
         self.reader = MessageReader(True, limits)
+        self.max_body = limits.max_body
         self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[Message] | None = None
+        self.waiter: asyncio.Future[bytes | Message] | None = None
+        self.deadline = 0.0  # loop time by which the call in flight must be answered
         self.lost = False
+        self._sized = False  # the transport's receive size can be set
+        self._big = False  # it is set for a large body
         self._paused = False
         self._drained: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        # asyncio's own transports receive into a new 256 KiB buffer each time, which glibc
+        # serves with an mmap and munmap per answer; small pieces until a large body comes.
+        self._sized = hasattr(transport, "max_size")
+        if self._sized:
+            transport.max_size = _RECV  # type: ignore[attr-defined]
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -76,7 +88,9 @@ class _Connection(asyncio.Protocol):
         if drained is not None and not drained.done():
             drained.set_result(None)
 
-    async def send_large(self, head: bytes, data: bytes, answered: asyncio.Future[Message]) -> None:
+    async def send_large(
+        self, head: bytes, data: bytes, answered: asyncio.Future[bytes | Message]
+    ) -> None:
         """Write a large body in pieces, waiting whenever the transport's buffer is full.
 
         Handing asyncio the whole body at once makes it buffer and trim it from the front
@@ -96,17 +110,33 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         waiter = self.waiter
+        msg: bytes | Message | None = None
+        if fastpath is not None and not self.reader.in_message:
+            msg = fastpath.ok_body(data, self.max_body)  # the usual answer, parsed in C
         try:
-            msg = self.reader.receive(data)
+            if msg is None:
+                msg = self.reader.receive(data)
         except FramingError as exc:
             self._fail(ProtocolError(str(exc)))
             return
-        if msg is not None:
-            if waiter is None or waiter.done():
-                self._fail(ProtocolError("unsolicited response"))
-                return
-            self.waiter = None
-            waiter.set_result(msg)
+        if msg is None:
+            if self._sized:
+                self._size_receives(self.reader.body_wanted())
+            return
+        if self._big:
+            self._size_receives(0)
+        if waiter is None or waiter.done():
+            self._fail(ProtocolError("unsolicited response"))
+            return
+        self.waiter = None
+        waiter.set_result(msg)
+
+    def _size_receives(self, wanted: int) -> None:
+        """Receive a large body in large pieces (kept as they come), anything else in small."""
+        self._big = wanted > 0
+        if wanted and not memory.tuned:
+            memory.tune_malloc()
+        self.transport.max_size = min(wanted, _BIG_RECV) if wanted else _RECV  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
         try:
@@ -154,6 +184,10 @@ class _Pool:
         self._waiting: collections.deque[asyncio.Future[_Connection]] = collections.deque()
         self._prefixes: dict[str, bytes] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # One timer for the pool's calls, at the earliest deadline it knows of; a timer per
+        # call would cost a scheduling and a cancellation each.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     async def _acquire(self) -> _Connection:
         while self._idle:
@@ -179,20 +213,26 @@ class _Pool:
                 return
         self._idle.append(conn)
 
-    async def call(self, route: str, data: bytes, timeout: float) -> Message:
+    async def call(self, route: str, data: bytes, timeout: float) -> bytes | Message:
+        """Send one request; return the body of a plain 200 answer, else the response."""
         prefix = self._prefixes.get(route)
         if prefix is None:
             prefix = self._prefixes[route] = self.client._prefix(route, b"")
-        conn = await self._acquire()
-        if conn.lost:
-            raise PluginConnectionError("the connection to the plugin was lost")
+        idle = self._idle
+        conn = idle.pop() if idle else None
+        if conn is None or conn.lost:
+            conn = await self._acquire()
+            if conn.lost:
+                raise PluginConnectionError("the connection to the plugin was lost")
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Message] = loop.create_future()
+        waiter: asyncio.Future[bytes | Message] = loop.create_future()
         conn.waiter = waiter
         transport = conn.transport
         assert transport is not None
         self._busy.add(conn)
-        expiry = loop.call_later(timeout, _expire, waiter)
+        deadline = conn.deadline = loop.time() + timeout
+        if self._timer is None or deadline < self._timer_at:
+            self._watch(loop, deadline)
         try:
             if len(data) < 65536:
                 transport.write(b"%s%d\r\n\r\n%s" % (prefix, len(data), data))
@@ -202,7 +242,7 @@ class _Pool:
         except asyncio.CancelledError:
             conn.close()
             self._replace_for_waiter(loop)
-            if waiter.cancelled() and not expiry.cancelled() and expiry.when() <= loop.time():
+            if waiter.cancelled() and deadline <= loop.time():
                 raise CallTimeout(f"/{route} did not answer within {timeout:g} s") from None
             raise
         except BaseException:
@@ -210,14 +250,34 @@ class _Pool:
             self._replace_for_waiter(loop)
             raise
         finally:
-            expiry.cancel()
             self._busy.discard(conn)
-        if msg.keep_alive and not conn.lost:
+        if (isinstance(msg, bytes) or msg.keep_alive) and not conn.lost:
             self._release(conn)
         else:
             conn.close()
             self._replace_for_waiter(loop)
         return msg
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = loop.call_at(deadline, self._expire_overdue, loop)
+
+    def _expire_overdue(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Cancel the waiters of calls past their deadline; watch the next deadline."""
+        self._timer = None
+        now = loop.time()
+        earliest = 0.0
+        for conn in self._busy:
+            if conn.deadline <= now:
+                waiter = conn.waiter
+                if waiter is not None and not waiter.done():
+                    waiter.cancel()
+            elif not earliest or conn.deadline < earliest:
+                earliest = conn.deadline
+        if earliest:
+            self._watch(loop, earliest)
 
     def _replace_for_waiter(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._waiting:
@@ -251,6 +311,9 @@ class _Pool:
         return conn
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for conn in self._idle:
             conn.close()
         self._idle.clear()
@@ -260,11 +323,6 @@ class _Pool:
             waiter = self._waiting.popleft()
             if not waiter.done():
                 waiter.set_exception(RegistryClosed("the registry was closed during the call"))
-
-
-def _expire(waiter: asyncio.Future[Message]) -> None:
-    if not waiter.done():
-        waiter.cancel()
 
 
 class PluginHandle:
@@ -313,7 +371,7 @@ class PluginHandle:
             pool = self._pool = _Pool(client, settings.limits, settings.connect_timeout)
         return pool
 
-    async def _call(self, route: str, data: bytes, timeout: float) -> Message:
+    async def _call(self, route: str, data: bytes, timeout: float) -> bytes | Message:
         pool = self._current_pool()
         try:
             return await pool.call(route, data, timeout)
@@ -329,6 +387,8 @@ class PluginHandle:
         """Call ``method`` with ``data`` and return its output (errors as in the sync API)."""
         settings = self._registry.settings.client
         msg = await self._call(method, data, settings.call_timeout if timeout is None else timeout)
+        if isinstance(msg, bytes):
+            return msg
         if msg.status == 200:
             return msg.body
         raise routes.error_from_response(msg, method)
@@ -341,9 +401,11 @@ class PluginHandle:
         msg = await self._call(
             routes.PING, b"Test Data", settings.ping_timeout if timeout is None else timeout
         )
-        if msg.status != 200:
-            raise routes.error_from_response(msg, routes.PING)
-        if msg.body != b"Test Data":
+        if not isinstance(msg, bytes):
+            if msg.status != 200:
+                raise routes.error_from_response(msg, routes.PING)
+            msg = msg.body
+        if msg != b"Test Data":
             raise PluginConnectionError(
                 f"plugin {self.sync.label} answered the ping with other bytes"
             )
