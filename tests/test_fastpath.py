@@ -364,3 +364,23 @@ def test_serve_reports_a_body_cut_short(pair) -> None:
 )
 def test_ok_body_takes_exactly_one_whole_plain_answer(data: bytes, body: bytes | None) -> None:
     assert fastpath.ok_body(data, 50) == body
+
+
+# ----------------------------------------------------------------------------- request_of
+
+
+@pytest.mark.parametrize(
+    ("data", "call"),
+    [
+        (request(b"abc"), (b"/plugins/p/Echo", b"abc")),
+        (request(b""), (b"/plugins/p/Echo", b"")),
+        (request(b"abc")[:-1], None),  # not all there yet
+        (request(b"abc") + b"x", None),  # more than one request
+        (request(b"x" * 99), None),  # over max_body
+        (b"POST /p/E HTTP/1.1\r\nHost: h\r\nX: y\r\nContent-Length: 1\r\n\r\nx", None),
+        (b"POST /p/E HTTP/1.0\r\nHost: h\r\nContent-Length: 1\r\n\r\nx", None),
+        (b"PUT /p/E HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx", None),
+    ],
+)
+def test_request_of_takes_exactly_one_whole_call(data: bytes, call: object) -> None:
+    assert fastpath.request_of(data, 50) == call

@@ -411,6 +411,32 @@ receive_body(int fd, const char *start, Py_ssize_t have, Py_ssize_t n, double ti
     return NULL;
 }
 
+PyDoc_STRVAR(request_of_doc,
+"request_of(data, max_body) -> tuple[bytes, bytes] | None\n\n"
+"(target, body) if data is exactly one whole POST with only Host and Content-Length, else None.");
+
+static PyObject *
+fast_request_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *buf, *target, *body_start;
+    Py_ssize_t len, target_len, n, max_body;
+
+    (void)module;
+    if (nargs != 2 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "request_of() takes bytes and a size");
+        return NULL;
+    }
+    max_body = PyLong_AsSsize_t(args[1]);
+    if (max_body == -1 && PyErr_Occurred())
+        return NULL;
+    buf = PyBytes_AS_STRING(args[0]);
+    len = PyBytes_GET_SIZE(args[0]);
+    if (!parse_post(buf, len, &target, &target_len, &body_start, &n) || n > max_body
+        || (body_start - buf) + n != len)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(y#y#)", target, target_len, body_start, n);
+}
+
 PyDoc_STRVAR(serve_doc,
 "serve(fd, targets, max_body, timeout, tune) -> tuple\n\n"
 "Answer requests whose target is a key of targets (bytes -> method) until one needs the\n"
@@ -544,6 +570,7 @@ static PyMethodDef fastpath_methods[] = {
     {"exchange", (PyCFunction)(void (*)(void))fast_exchange, METH_FASTCALL, exchange_doc},
     {"serve", (PyCFunction)(void (*)(void))fast_serve, METH_FASTCALL, serve_doc},
     {"ok_body", (PyCFunction)(void (*)(void))fast_ok_body, METH_FASTCALL, ok_body_doc},
+    {"request_of", (PyCFunction)(void (*)(void))fast_request_of, METH_FASTCALL, request_of_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -49,3 +49,9 @@ def serve(
 
 def ok_body(data: bytes, max_body: int, /) -> bytes | None:
     """The body if ``data`` is exactly one whole plain ``200 OK`` with a Content-Length."""
+
+def request_of(data: bytes, max_body: int, /) -> tuple[bytes, bytes] | None:
+    """``(target, body)`` if ``data`` is exactly one whole call request.
+
+    That is a POST whose only headers are Host and Content-Length, as a goplug registry sends.
+    """

@@ -70,6 +70,11 @@ class ClientSettings:
     """Longest wait between two attempts to re-subscribe a cut callback poll."""
 
 
+def _ok_message(body: bytes) -> Message:
+    """The response a plain ``200 OK`` carrying ``body`` parses to."""
+    return Message("", "", 200, "OK", {b"content-length": b"%d" % len(body)}, body)
+
+
 class Connection:
     """One persistent connection: a blocking socket and its response reader."""
 
@@ -104,8 +109,8 @@ class Connection:
         if self.fd < 0 or self.reader.in_message:
             n = len(data)
             if n < 65536:
-                return self.exchange(b"%s%d\r\n\r\n%s" % (prefix, n, data), None, timeout)
-            return self.exchange(b"%s%d\r\n\r\n" % (prefix, n), data, timeout)
+                return self._exchange(b"%s%d\r\n\r\n%s" % (prefix, n, data), None, timeout)
+            return self._exchange(b"%s%d\r\n\r\n" % (prefix, n), data, timeout)
         if timeout != self.timeout:
             self.set_timeout(timeout)
         try:
@@ -127,6 +132,10 @@ class Connection:
 
     def exchange(self, request: bytes, body: bytes | None, timeout: float) -> Message:
         """Send one request and read its response (raises OSError, FramingError, TimeoutError)."""
+        answer = self._exchange(request, body, timeout)
+        return _ok_message(answer) if isinstance(answer, bytes) else answer
+
+    def _exchange(self, request: bytes, body: bytes | None, timeout: float) -> bytes | Message:
         sock = self.sock
         started = time.monotonic()
         if timeout != self.timeout:
@@ -144,7 +153,12 @@ class Connection:
             return answer
         if self.reader.in_message:  # left over from an earlier exchange: a protocol breach
             raise FramingError("unsolicited response")
-        return self._receive(None, False, started, timeout)
+        data = sock.recv(_RECV)
+        if fastpath is not None and data:
+            ok = fastpath.ok_body(data, self.max_body)  # the usual answer, parsed in C
+            if ok is not None:
+                return ok
+        return self._receive(data, not data, started, timeout)
 
     def _receive(self, first: bytes | None, eof: bool, started: float, timeout: float) -> Message:
         sock = self.sock
@@ -224,9 +238,7 @@ class PluginClient:
     ) -> Message:
         """Send one request and return the response (any status); raise typed errors."""
         answer = self._call(route, data, timeout, extra_headers)
-        if isinstance(answer, bytes):
-            return Message("", "", 200, "OK", {b"content-length": b"%d" % len(answer)}, answer)
-        return answer
+        return _ok_message(answer) if isinstance(answer, bytes) else answer
 
     def request(self, route: str, data: bytes, timeout: float | None = None) -> bytes:
         """Call ``route`` and return the body of a 200 answer; raise the typed error otherwise."""
