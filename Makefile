@@ -32,4 +32,4 @@ soak: $(STAMP)
 	$(PY) -m goplug.soak $(if $(SOAK_SECONDS),--seconds $(SOAK_SECONDS),)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build src/*.egg-info src/goplug/*.so .pytest_cache .mypy_cache .ruff_cache
