@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trustme
 from conftest import wait_for
+from faultkit import freeze
 
 import goplug
 import goplug.aio
@@ -315,7 +316,7 @@ def test_calls_over_tls_time_out_and_the_plugin_serves_on(plugin_dir, spawn, cer
         assert time.monotonic() - started < 5
         assert handle.execute("Echo", b"next", timeout=5) == b"next"
         # A frozen plugin: the call's deadline ends it, not the kernel or the plugin.
-        plugin.signal(signal.SIGSTOP)
+        freeze(plugin)  # every thread stopped, not only signalled
         try:
             with pytest.raises(goplug.CallTimeout):
                 handle.execute("Echo", b"frozen", timeout=0.3)

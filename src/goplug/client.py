@@ -78,7 +78,7 @@ def _ok_message(body: bytes) -> Message:
 class Connection:
     """One persistent connection: a blocking socket and its response reader."""
 
-    __slots__ = ("fd", "idle_sweeps", "max_body", "reader", "sock", "timeout")
+    __slots__ = ("fd", "idle_sweeps", "max_body", "reader", "sock", "timeout", "unread")
 
     def __init__(self, sock: socket.socket, limits: Limits) -> None:
         self.sock = sock
@@ -88,6 +88,7 @@ class Connection:
         self.max_body = limits.max_body
         # A plain socket takes the C fast path of a call; -1: this one does not (TLS).
         self.fd = sock.fileno() if fastpath is not None and type(sock) is socket.socket else -1
+        self.unread = False  # the reader holds bytes of an answer: the C path must not read on
 
     def set_timeout(self, seconds: float) -> None:
         """Bound every single receive and send on this connection to ``seconds``."""
@@ -106,7 +107,7 @@ class Connection:
         Returns the body of a plain ``200 OK``, else the parsed response (raises OSError,
         FramingError, TimeoutError).
         """
-        if self.fd < 0 or self.reader.in_message:
+        if self.fd < 0 or self.unread:
             n = len(data)
             if n < 65536:
                 return self._exchange(b"%s%d\r\n\r\n%s" % (prefix, n, data), None, timeout)
@@ -128,7 +129,9 @@ class Connection:
                 self.timeout = -1.0  # a long body may have shrunk SO_RCVTIMEO to fit the call
             return answer
         received, eof = answer
-        return self._receive(received, eof, time.monotonic(), timeout)
+        msg = self._receive(received, eof, time.monotonic(), timeout)
+        self.unread = self.reader.in_message
+        return msg
 
     def exchange(self, request: bytes, body: bytes | None, timeout: float) -> Message:
         """Send one request and read its response (raises OSError, FramingError, TimeoutError)."""
@@ -257,7 +260,12 @@ class PluginClient:
         prefix = self._prefixes.get(route) if not extra_headers else None
         if prefix is None:
             prefix = self._prefix(route, extra_headers)
-        conn = self._acquire()
+        if self._closed:
+            raise self._closed_error
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self.connect()
         busy = self._busy
         busy.add(conn)
         try:
