@@ -21,32 +21,48 @@ from goplug.errors import CallbackNotFound, GoPlugError, NotifyTimeout
 WAIT = 5.0  # generous bound for things that should happen at once
 
 
-class SpyCondition(threading.Condition):
-    """A Condition that records each time a thread other than the test's starts waiting on it.
+class Spy:
+    """Records each time a thread other than the test's starts waiting in the hub.
 
-    The event is set while the waiter still holds the lock, so once the test sees it, anything
-    the test does under the hub's lock happens after the waiter is really waiting.
+    The event is set while the waiter still holds the hub's lock, so once the test sees it,
+    anything the test does under that lock happens after the waiter is really waiting.
     """
 
     def __init__(self) -> None:
-        super().__init__()
         self.waiting = threading.Event()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if threading.current_thread() is not threading.main_thread():
-            self.waiting.set()
-        return super().wait(timeout)
 
     def expect_wait(self) -> None:
         assert self.waiting.wait(WAIT), "no thread started waiting in the hub"
         self.waiting.clear()
 
 
-def make_hub(**settings: Any) -> tuple[CallbackHub, SpyCondition]:
-    hub = CallbackHub(CallbackSettings(**settings))
-    spy = SpyCondition()
-    hub._cond = spy  # before any thread uses the hub
-    return hub, spy
+class SpyCondition(threading.Condition):
+    """A condition of the hub (they all share its lock) that reports waits to a Spy."""
+
+    def __init__(self, lock: threading.RLock, spy: Spy) -> None:
+        super().__init__(lock)
+        self.spy = spy
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            self.spy.waiting.set()
+        return super().wait(timeout)
+
+
+class SpyHub(CallbackHub):
+    """A hub whose condition variables (its own and each subscriber's) report to a Spy."""
+
+    def __init__(self, settings: CallbackSettings, spy: Spy) -> None:
+        self.spy = spy
+        super().__init__(settings)
+
+    def _condition(self) -> threading.Condition:
+        return SpyCondition(self._lock, self.spy)
+
+
+def make_hub(**settings: Any) -> tuple[CallbackHub, Spy]:
+    spy = Spy()
+    return SpyHub(CallbackSettings(**settings), spy), spy
 
 
 def never() -> bool:
@@ -328,7 +344,7 @@ def test_a_poll_in_flight_does_not_revive_an_unsubscribed_subscriber(
     old = poll_async(pool, hub, "s", "cb", 0)
     spy.expect_wait()
     try:
-        with hub._cond:  # nothing else runs between these two steps
+        with hub._lock:  # nothing else runs between these two steps
             hub.unsubscribe("s", "cb")
             assert poll_now(hub, "s", "cb", 3) is None  # the late poll
         assert old.result(1.0) is None  # the forgotten subscriber's waiting poll ended too
@@ -501,3 +517,101 @@ def test_an_ack_the_hub_never_issued_drops_nothing() -> None:
     assert poll_now(hub, "s", "cb", 5) is None
     hub.notify("cb", b"a")  # numbered on from the subscriber's Ack: 6
     assert poll_now(hub, "s", "cb", 5) == Batch(6, [b"a"], False)
+
+
+# -- polls answered by notify itself ---------------------------------------------------------------
+
+
+class Answers:
+    """An ``answer`` function for polls: records each batch and the thread that sent it."""
+
+    def __init__(self, ok: bool = True) -> None:
+        self.ok = ok
+        self.sent: list[tuple[Batch, int]] = []
+
+    def __call__(self, batch: Batch) -> bool:
+        self.sent.append((batch, threading.get_ident()))
+        return self.ok
+
+
+def poll_answered(
+    pool: ThreadPoolExecutor, hub: CallbackHub, ack: int, answer: Answers
+) -> Future[Batch | None]:
+    return pool.submit(hub.poll, "s", "cb", ack, never, 60.0, answer)
+
+
+def test_notify_answers_a_waiting_poll_on_its_own_thread(pool: ThreadPoolExecutor) -> None:
+    hub, spy = make_hub()
+    answer = Answers()
+    fut = poll_answered(pool, hub, 0, answer)
+    spy.expect_wait()
+    assert hub.notify("cb", b"first") == 1
+    # Sent before notify returned, by the notifying thread, exactly once.
+    expected = Batch(1, [b"first"], False, sent=True)
+    assert answer.sent == [(expected, threading.get_ident())]
+    assert fut.result(WAIT) == expected
+    # Still queued until acknowledged, numbered on.
+    hub.notify("cb", b"second")
+    assert poll_now(hub, "s", "cb", 0) == Batch(1, [b"first", b"second"], False)
+    assert poll_now(hub, "s", "cb", 1) == Batch(2, [b"second"], False)
+
+
+def test_a_failed_answer_ends_the_poll_and_loses_nothing(pool: ThreadPoolExecutor) -> None:
+    hub, spy = make_hub()
+    answer = Answers(ok=False)
+    fut = poll_answered(pool, hub, 0, answer)
+    spy.expect_wait()
+    hub.notify("cb", b"lost in transit")
+    assert fut.result(WAIT) is None
+    assert len(answer.sent) == 1
+    assert poll_now(hub, "s", "cb", 0) == Batch(1, [b"lost in transit"], False)
+
+
+def test_an_answer_that_raises_counts_as_failed(pool: ThreadPoolExecutor) -> None:
+    hub, spy = make_hub()
+
+    def broken(batch: Batch) -> bool:
+        raise OSError("connection reset")
+
+    fut = pool.submit(hub.poll, "s", "cb", 0, never, 60.0, broken)
+    spy.expect_wait()
+    assert hub.notify("cb", b"x") == 1  # notify itself does not fail
+    assert fut.result(WAIT) is None
+    assert poll_now(hub, "s", "cb", 0) == Batch(1, [b"x"], False)
+
+
+def test_a_large_notification_is_sent_by_the_polls_thread(pool: ThreadPoolExecutor) -> None:
+    hub, spy = make_hub()
+    answer = Answers()
+    fut = poll_answered(pool, hub, 0, answer)
+    spy.expect_wait()
+    big = bytes(callbacks._DIRECT_MAX + 1)
+    hub.notify("cb", big)
+    assert fut.result(WAIT) == Batch(1, [big], False)  # not sent: the caller sends it
+    assert answer.sent == []
+
+
+def test_polls_already_answered_do_not_get_the_next_notification(
+    pool: ThreadPoolExecutor,
+) -> None:
+    hub, spy = make_hub()
+    answer = Answers()
+    fut = poll_answered(pool, hub, 0, answer)
+    spy.expect_wait()
+    hub.notify("cb", b"a")
+    hub.notify("cb", b"b")
+    assert fut.result(WAIT) == Batch(1, [b"a"], False, sent=True)
+    assert [batch for batch, _ in answer.sent] == [Batch(1, [b"a"], False, sent=True)]
+    # The next poll acknowledges a and gets b at once, from its own thread.
+    assert poll_answered(pool, hub, 1, answer).result(WAIT) == Batch(2, [b"b"], False)
+    assert len(answer.sent) == 1
+
+
+def test_legacy_polls_are_never_answered_by_notify(pool: ThreadPoolExecutor) -> None:
+    hub, spy = make_hub()
+    answer = Answers()
+    fut = pool.submit(hub.poll, None, "cb", 0, never, 60.0, answer)
+    spy.expect_wait()
+    hub.notify("cb", b"a")
+    assert fut.result(WAIT) == Batch(0, [b"a"], True)
+    assert answer.sent == []
