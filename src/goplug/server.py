@@ -437,22 +437,43 @@ class Server:
         except ProtocolError as exc:
             return self._send_error(conn, 400, exc)
 
+        if TYPE_CHECKING:
+            from goplug.callbacks import Batch
+
         def peer_gone() -> bool:
             return peek(conn) == b""
 
-        batch = self._hub.poll(token.decode() if token else None, name, int(ack_text), peer_gone)
+        def answer(batch: Batch) -> bool:
+            # Called by the hub while this poll waits, on the thread of the notify that brought
+            # the batch (or on this one, below): never on both at once.
+            body = b"".join(routes.encode_batch(batch.items))
+            extra = b"X-Goplug-Seq: %d\r\nX-Goplug-Count: %d\r\n" % (
+                batch.first_seq,
+                len(batch.items),
+            )
+            try:
+                return self._send(conn, 200, body, extra)
+            except OSError:  # the registry went away: it polls again on a new connection
+                return False
+
+        batch = self._hub.poll(
+            token.decode() if token else None,
+            name,
+            int(ack_text),
+            peer_gone,
+            answer=answer if token else None,
+        )
         if batch is None:
             if self._closing:
                 self._send(
                     conn, 503, routes.error_body("Stopping", "the plugin is stopping"), _JSON
                 )
             return False
+        if batch.sent:
+            return True
         if batch.legacy:
             return self._send(conn, 200, batch.items[0])
-        parts = routes.encode_batch(batch.items)
-        extra = b"X-Goplug-Seq: %d\r\nX-Goplug-Count: %d\r\n" % (batch.first_seq, len(batch.items))
-        body = b"".join(parts)
-        return self._send(conn, 200, body, extra)
+        return answer(batch)
 
     def _send(self, conn: socket.socket, status: int, body: bytes, extra: bytes = b"") -> bool:
         head = response_head(status, len(body), extra)
