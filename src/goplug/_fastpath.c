@@ -60,6 +60,33 @@ parse_length(const char *p, const char *end, const char **after)
     return n;
 }
 
+/* A plain "200 OK" head with a Content-Length at buf: the body length, with *after set at the
+ * body; or -1. */
+static Py_ssize_t
+parse_ok(const char *buf, Py_ssize_t len, const char **after)
+{
+    if ((size_t)len < OK_PREFIX_LEN || memcmp(buf, OK_PREFIX, OK_PREFIX_LEN) != 0)
+        return -1;
+    return parse_length(buf + OK_PREFIX_LEN, buf + len, after);
+}
+
+/* The (bytes, size) arguments of ok_body() and request_of(); 0, or -1 with an exception set. */
+static int
+bytes_and_size(PyObject *const *args, Py_ssize_t nargs, const char *name, const char **buf,
+               Py_ssize_t *len, Py_ssize_t *size)
+{
+    if (nargs != 2 || !PyBytes_Check(args[0])) {
+        PyErr_Format(PyExc_TypeError, "%s() takes bytes and a size", name);
+        return -1;
+    }
+    *size = PyLong_AsSsize_t(args[1]);
+    if (*size == -1 && PyErr_Occurred())
+        return -1;
+    *buf = PyBytes_AS_STRING(args[0]);
+    *len = PyBytes_GET_SIZE(args[0]);
+    return 0;
+}
+
 /* Send every byte of iov (none if iovcnt is 0), then receive once into buf, both in one stretch
  * without the GIL (each release and re-acquire costs about as much as a system call).
  * Returns the bytes received (0: the peer closed), or -1 with *err set to errno, or to 0 when
@@ -282,8 +309,7 @@ fast_exchange(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         result = handback(buf, 0, NULL, 0, 1);
         goto done;
     }
-    if ((size_t)got < OK_PREFIX_LEN || memcmp(buf, OK_PREFIX, OK_PREFIX_LEN) != 0
-        || (n = parse_length(buf + OK_PREFIX_LEN, buf + got, &after)) < 0 || n > max_body) {
+    if ((n = parse_ok(buf, got, &after)) < 0 || n > max_body) {
         result = handback(buf, got, NULL, 0, 0);
         goto done;
     }
@@ -335,18 +361,9 @@ fast_ok_body(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t len, n, max_body;
 
     (void)module;
-    if (nargs != 2 || !PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "ok_body() takes bytes and a size");
+    if (bytes_and_size(args, nargs, "ok_body", &buf, &len, &max_body) < 0)
         return NULL;
-    }
-    max_body = PyLong_AsSsize_t(args[1]);
-    if (max_body == -1 && PyErr_Occurred())
-        return NULL;
-    buf = PyBytes_AS_STRING(args[0]);
-    len = PyBytes_GET_SIZE(args[0]);
-    if ((size_t)len < OK_PREFIX_LEN || memcmp(buf, OK_PREFIX, OK_PREFIX_LEN) != 0
-        || (n = parse_length(buf + OK_PREFIX_LEN, buf + len, &after)) < 0 || n > max_body
-        || (after - buf) + n != len)
+    if ((n = parse_ok(buf, len, &after)) < 0 || n > max_body || (after - buf) + n != len)
         Py_RETURN_NONE;
     return PyBytes_FromStringAndSize(after, n);
 }
@@ -422,15 +439,8 @@ fast_request_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t len, target_len, n, max_body;
 
     (void)module;
-    if (nargs != 2 || !PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "request_of() takes bytes and a size");
+    if (bytes_and_size(args, nargs, "request_of", &buf, &len, &max_body) < 0)
         return NULL;
-    }
-    max_body = PyLong_AsSsize_t(args[1]);
-    if (max_body == -1 && PyErr_Occurred())
-        return NULL;
-    buf = PyBytes_AS_STRING(args[0]);
-    len = PyBytes_GET_SIZE(args[0]);
     if (!parse_post(buf, len, &target, &target_len, &body_start, &n) || n > max_body
         || (body_start - buf) + n != len)
         Py_RETURN_NONE;

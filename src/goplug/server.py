@@ -402,8 +402,8 @@ class Server:
         except Exception as exc:
             self._send_error(conn, 500, exc)
             return
-        if type(result) is bytes and len(result) < 65536:
-            conn.sendall(b"%s%d\r\n\r\n%s" % (_OK_HEAD, len(result), result))
+        if type(result) is bytes:
+            self._send_ok(conn, result)
         else:
             self._reply(conn, self._route_of(target), result)
 
@@ -417,13 +417,17 @@ class Server:
         except Exception as exc:
             return self._send_error(conn, 500, exc)
         assert isinstance(result, bytes)
-        n = len(result)
+        self._send_ok(conn, result)
+        return True
+
+    @staticmethod
+    def _send_ok(conn: socket.socket, body: bytes) -> None:
+        n = len(body)
         if n < 65536:
-            conn.sendall(b"%s%d\r\n\r\n%s" % (_OK_HEAD, n, result))
+            conn.sendall(b"%s%d\r\n\r\n%s" % (_OK_HEAD, n, body))
         else:
             conn.sendall(b"%s%d\r\n\r\n" % (_OK_HEAD, n))
-            conn.sendall(result)
-        return True
+            conn.sendall(body)
 
     def _poll(self, conn: socket.socket, msg: Message) -> bool:
         try:
