@@ -248,8 +248,8 @@ class Server:
                         fd, self._fast_targets, max_body, timeout, memory.tune_malloc
                     )
                     code = outcome[0]
-                    if outcome[1]:
-                        served = True
+                    if outcome[1] or code == fastpath.RAISED or code == fastpath.RESULT:
+                        served = True  # a request arrived: the connection is not idle
                         idle_periods = 0
                     if code == fastpath.DATA:
                         msg = receive(outcome[2])
@@ -261,11 +261,9 @@ class Server:
                             return
                         continue
                     elif code == fastpath.RAISED:
-                        served = True
                         self._send_error(conn, 500, outcome[3])
                         continue
                     elif code == fastpath.RESULT:
-                        served = True
                         self._reply(conn, self._route_of(outcome[2]), outcome[3])
                         continue
                     elif code == fastpath.SLOW:
