@@ -384,3 +384,177 @@ def test_ok_body_takes_exactly_one_whole_plain_answer(data: bytes, body: bytes |
 )
 def test_request_of_takes_exactly_one_whole_call(data: bytes, call: object) -> None:
     assert fastpath.request_of(data, 50) == call
+
+
+# ----------------------------------------------------------------------------- poll_of
+
+POLL = b"POST /plugins/p/RegisterCallback HTTP/1.1\r\nHost: plugin\r\n"
+
+
+def poll(token: bytes = b"tok_1", ack: bytes = b"7", body: bytes = b'"cb"') -> bytes:
+    return POLL + b"X-Goplug-Subscriber: %s\r\nX-Goplug-Ack: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+        token,
+        ack,
+        len(body),
+        body,
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "parsed"),
+    [
+        (poll(), (b"/plugins/p/RegisterCallback", b"tok_1", 7, b'"cb"')),
+        (poll(ack=b"0"), (b"/plugins/p/RegisterCallback", b"tok_1", 0, b'"cb"')),
+        (
+            poll(ack=b"123456789012345678"),
+            (b"/plugins/p/RegisterCallback", b"tok_1", 123456789012345678, b'"cb"'),
+        ),
+        (poll(token=b""), (b"/plugins/p/RegisterCallback", b"", 7, b'"cb"')),  # Python refuses it
+        (poll()[:-1], None),  # not all there yet
+        (poll() + b"x", None),  # more than one request
+        (poll(body=b'"' + b"x" * 60 + b'"'), None),  # over max_body
+        (poll(ack=b""), None),
+        (poll(ack=b"-1"), None),
+        (poll(ack=b"1234567890123456789"), None),  # more digits than a sequence number has
+        (POLL + b"X-Goplug-Ack: 7\r\nX-Goplug-Subscriber: t\r\nContent-Length: 1\r\n\r\nx", None),
+        (POLL + b"X-Goplug-Subscriber: t\r\nContent-Length: 1\r\n\r\nx", None),  # no ack
+        (request(b"abc"), None),  # a call
+        (poll().replace(b"HTTP/1.1", b"HTTP/1.0"), None),
+    ],
+)
+def test_poll_of_takes_exactly_one_whole_long_poll(data: bytes, parsed: object) -> None:
+    assert fastpath.poll_of(data, 50) == parsed
+
+
+# ----------------------------------------------------------------------------- notifications
+
+
+def batch(first: int, items: list[bytes], extra: bytes = b"") -> bytes:
+    body = b"".join(len(i).to_bytes(4, "big") + i for i in items)
+    return (
+        b"HTTP/1.1 200 OK\r\nX-Goplug-Seq: %d\r\nX-Goplug-Count: %d\r\nContent-Length: %d\r\n\r\n"
+        % (first, len(items), len(body))
+        + body
+        + extra
+    )
+
+
+def test_notifications_sends_the_poll_and_splits_the_batch(pair) -> None:
+    a, b = pair
+    items = [b"one", b"", b"three" * 100]
+
+    def plugin() -> None:
+        assert read_request(b, len(poll())) == poll()
+        b.sendall(batch(41, items))
+
+    thread = in_thread(plugin)
+    assert fastpath.notifications(a.fileno(), poll(), MAX, None) == (41, items)
+    thread.join(5)
+
+
+def test_notifications_with_an_empty_request_only_waits(pair) -> None:
+    a, b = pair
+    b.sendall(batch(1, [b"x"]))
+    assert fastpath.notifications(a.fileno(), b"", MAX, None) == (1, [b"x"])
+    b.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        b.recv(1)  # nothing was sent
+
+
+def test_notifications_waits_without_a_timeout(pair) -> None:
+    a, b = pair
+    set_timeouts(a, 0)  # as a long poll's connection is
+    sent = threading.Event()
+
+    def plugin() -> None:
+        # Longer than a call's receive timeout would allow, were one set.
+        sent.wait(0.3)
+        b.sendall(batch(5, [b"late"]))
+
+    thread = in_thread(plugin)
+    assert fastpath.notifications(a.fileno(), b"", MAX, None) == (5, [b"late"])
+    thread.join(5)
+
+
+def test_notifications_receives_a_large_batch_in_pieces_and_tunes_once(pair) -> None:
+    a, b = pair
+    items = [bytes([i]) * 300_000 for i in range(4)]
+    tuned: list[int] = []
+
+    def plugin() -> None:
+        data = batch(9, items)
+        for i in range(0, len(data), 50_000):
+            b.sendall(data[i : i + 50_000])
+
+    thread = in_thread(plugin)
+    assert fastpath.notifications(a.fileno(), b"", MAX, lambda: tuned.append(1)) == (9, items)
+    assert tuned == [1]
+    thread.join(5)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx",  # a GoPlug plugin's answer
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\nno",
+        b"HTTP/1.1 200 OK\r\nX-Goplug-Count: 1\r\nX-Goplug-Seq: 1\r\nContent-Length: 5\r\n\r\n"
+        b"\x00\x00\x00\x01x",  # other order
+        batch(1, [b"x"], extra=b"E"),  # bytes nobody asked for
+        batch(1, [b"x"])[:-1].replace(b"Content-Length: 5", b"Content-Length: 4"),  # short record
+        batch(1, [b"xy"]).replace(b"Count: 1", b"Count: 2"),  # fewer records than counted
+        batch(1, [b"x", b"y"]).replace(b"Count: 2", b"Count: 1"),  # bytes after the records
+        batch(1, [b"x"] * 20).replace(b"Count: 20", b"Count: 9999"),  # an absurd count
+        batch(1, [b"x"]).replace(b"Seq: 1", b"Seq: 1x"),
+        batch(1, [b"x"]).replace(b"Content-Length: 5", b"Content-Length: 99999999999"),
+    ],
+)
+def test_notifications_hands_anything_else_back_untouched(pair, answer: bytes) -> None:
+    a, b = pair
+    b.sendall(answer)
+    assert fastpath.notifications(a.fileno(), b"", MAX, None) == (answer, False)
+
+
+def test_notifications_hands_back_a_batch_with_bad_records_after_receiving_it_whole(pair) -> None:
+    a, b = pair
+    answer = batch(1, [b"x" * 100_000]).replace(b"Count: 1", b"Count: 2")
+
+    def plugin() -> None:
+        for i in range(0, len(answer), 30_000):
+            b.sendall(answer[i : i + 30_000])
+
+    thread = in_thread(plugin)
+    assert fastpath.notifications(a.fileno(), b"", MAX, None) == (answer, False)
+    thread.join(5)
+
+
+def test_notifications_reports_the_peer_closing(pair) -> None:
+    a, b = pair
+    b.shutdown(socket.SHUT_WR)
+    assert fastpath.notifications(a.fileno(), b"", MAX, None) == (b"", True)
+
+
+def test_notifications_hands_back_a_batch_cut_short_with_eof(pair) -> None:
+    a, b = pair
+    answer = batch(3, [b"z" * 200_000])
+    b.sendall(answer[:1000])
+    b.shutdown(socket.SHUT_WR)
+    assert fastpath.notifications(a.fileno(), b"", MAX, None) == (answer[:1000], True)
+
+
+def test_notifications_ends_when_another_thread_shuts_the_socket_down(pair) -> None:
+    a, _ = pair
+    set_timeouts(a, 0)
+    results: list[object] = []
+    thread = in_thread(lambda: results.append(fastpath.notifications(a.fileno(), b"", MAX, None)))
+    # Closing a subscription shuts its socket down; the waiting receive must end.
+    while thread.is_alive():
+        a.shutdown(socket.SHUT_RDWR)
+        thread.join(0.05)
+    assert results == [(b"", True)]
+
+
+def test_notifications_raises_the_errors_socket_calls_raise(pair) -> None:
+    a, b = pair
+    b.close()
+    with pytest.raises(OSError):
+        fastpath.notifications(a.fileno(), poll(), MAX, None)

@@ -30,9 +30,14 @@ enum { SERVE_EOF = 0, SERVE_IDLE = 1, SERVE_DATA = 2, SERVE_RAISED = 3, SERVE_RE
 
 static const char OK_PREFIX[] = "HTTP/1.1 200 OK\r\nContent-Length: ";
 #define OK_PREFIX_LEN (sizeof(OK_PREFIX) - 1)
+/* A long poll's answer (docs/PROTOCOL.md §5): numbered notifications in one body. */
+static const char BATCH_PREFIX[] = "HTTP/1.1 200 OK\r\nX-Goplug-Seq: ";
+static const char COUNT_PREFIX[] = "\r\nX-Goplug-Count: ";
 static const char POST_PREFIX[] = "POST /";
 static const char HTTP11_HOST[] = " HTTP/1.1\r\nHost: ";
 static const char LENGTH_PREFIX[] = "\r\nContent-Length: ";
+static const char SUBSCRIBER_PREFIX[] = "\r\nX-Goplug-Subscriber: ";
+static const char ACK_PREFIX[] = "\r\nX-Goplug-Ack: ";
 
 static double
 monotonic(void)
@@ -68,6 +73,42 @@ parse_ok(const char *buf, Py_ssize_t len, const char **after)
     if ((size_t)len < OK_PREFIX_LEN || memcmp(buf, OK_PREFIX, OK_PREFIX_LEN) != 0)
         return -1;
     return parse_length(buf + OK_PREFIX_LEN, buf + len, after);
+}
+
+/* Decimal digits at *p (at most 18) followed by the literal lit: the number, with *p moved past
+ * lit; or -1. */
+static long long
+parse_field(const char **p, const char *end, const char *lit, size_t lit_len)
+{
+    const char *q = *p;
+    long long n = 0;
+    while (q < end && *q >= '0' && *q <= '9') {
+        if (q - *p >= 18)
+            return -1;
+        n = n * 10 + (*q - '0');
+        q++;
+    }
+    if (q == *p || (size_t)(end - q) < lit_len || memcmp(q, lit, lit_len) != 0)
+        return -1;
+    *p = q + lit_len;
+    return n;
+}
+
+/* A poll answer's head as goplug plugins send it: the body length, with the first sequence
+ * number and the count of notifications, and *after set at the body; or -1. */
+static Py_ssize_t
+parse_batch_head(const char *buf, Py_ssize_t len, long long *seq, long long *count,
+                 const char **after)
+{
+    const char *p = buf + sizeof(BATCH_PREFIX) - 1, *end = buf + len;
+    if ((size_t)len < sizeof(BATCH_PREFIX) - 1
+        || memcmp(buf, BATCH_PREFIX, sizeof(BATCH_PREFIX) - 1) != 0)
+        return -1;
+    if ((*seq = parse_field(&p, end, COUNT_PREFIX, sizeof(COUNT_PREFIX) - 1)) < 0)
+        return -1;
+    if ((*count = parse_field(&p, end, LENGTH_PREFIX, sizeof(LENGTH_PREFIX) - 1)) < 0)
+        return -1;
+    return parse_length(p, end, after);
 }
 
 /* The (bytes, size) arguments of ok_body() and request_of(); 0, or -1 with an exception set. */
@@ -368,10 +409,11 @@ fast_ok_body(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyBytes_FromStringAndSize(after, n);
 }
 
-/* A complete fast-form request at buf: its target, body bounds; or 0 if it is not one. */
+/* "POST /target HTTP/1.1\r\nHost: ..." at buf: the target, with *p set at the CR that ends the
+ * Host line; or 0. */
 static int
-parse_post(const char *buf, Py_ssize_t got, const char **target, Py_ssize_t *target_len,
-           const char **body_start, Py_ssize_t *n)
+parse_post_start(const char *buf, Py_ssize_t got, const char **target, Py_ssize_t *target_len,
+                 const char **p_out)
 {
     const char *end = buf + got, *p, *host_end;
     if ((size_t)got < sizeof(POST_PREFIX) - 1 || memcmp(buf, POST_PREFIX, sizeof(POST_PREFIX) - 1))
@@ -388,7 +430,18 @@ parse_post(const char *buf, Py_ssize_t got, const char **target, Py_ssize_t *tar
     host_end = memchr(p, '\n', (size_t)(end - p));
     if (host_end == NULL || host_end == p || host_end[-1] != '\r')
         return 0;
-    p = host_end - 1; /* at the CR that ends the Host line */
+    *p_out = host_end - 1;
+    return 1;
+}
+
+/* A complete fast-form request at buf: its target, body bounds; or 0 if it is not one. */
+static int
+parse_post(const char *buf, Py_ssize_t got, const char **target, Py_ssize_t *target_len,
+           const char **body_start, Py_ssize_t *n)
+{
+    const char *end = buf + got, *p;
+    if (!parse_post_start(buf, got, target, target_len, &p))
+        return 0;
     if ((size_t)(end - p) < sizeof(LENGTH_PREFIX) - 1
         || memcmp(p, LENGTH_PREFIX, sizeof(LENGTH_PREFIX) - 1) != 0)
         return 0;
@@ -445,6 +498,41 @@ fast_request_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         || (body_start - buf) + n != len)
         Py_RETURN_NONE;
     return Py_BuildValue("(y#y#)", target, target_len, body_start, n);
+}
+
+PyDoc_STRVAR(poll_of_doc,
+"poll_of(data, max_body) -> tuple[bytes, bytes, int, bytes] | None\n\n"
+"(target, subscriber, ack, body) if data is exactly one whole long poll as a goplug registry\n"
+"sends it, else None.");
+
+static PyObject *
+fast_poll_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *buf, *end, *target, *p, *token, *body_start;
+    Py_ssize_t len, target_len, token_len, n, max_body;
+    long long ack;
+
+    (void)module;
+    if (bytes_and_size(args, nargs, "poll_of", &buf, &len, &max_body) < 0)
+        return NULL;
+    end = buf + len;
+    if (!parse_post_start(buf, len, &target, &target_len, &p)
+        || (size_t)(end - p) < sizeof(SUBSCRIBER_PREFIX) - 1
+        || memcmp(p, SUBSCRIBER_PREFIX, sizeof(SUBSCRIBER_PREFIX) - 1) != 0)
+        Py_RETURN_NONE;
+    token = p + sizeof(SUBSCRIBER_PREFIX) - 1;
+    p = memchr(token, '\r', (size_t)(end - token));
+    if (p == NULL || (size_t)(end - p) < sizeof(ACK_PREFIX) - 1
+        || memcmp(p, ACK_PREFIX, sizeof(ACK_PREFIX) - 1) != 0)
+        Py_RETURN_NONE;
+    token_len = p - token;
+    p += sizeof(ACK_PREFIX) - 1;
+    if ((ack = parse_field(&p, end, LENGTH_PREFIX, sizeof(LENGTH_PREFIX) - 1)) < 0)
+        Py_RETURN_NONE;
+    n = parse_length(p, end, &body_start);
+    if (n < 0 || n > max_body || (body_start - buf) + n != len)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(y#y#Ly#)", target, target_len, token, token_len, ack, body_start, n);
 }
 
 PyDoc_STRVAR(serve_doc,
@@ -576,11 +664,140 @@ fast_serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* The notifications of a batch body, or NULL (no exception) if its framing is not exact. */
+static PyObject *
+split_batch(const char *body, Py_ssize_t n, long long count)
+{
+    PyObject *items;
+    Py_ssize_t pos = 0, i;
+    if (count > n / 4)
+        return NULL;
+    items = PyList_New((Py_ssize_t)count);
+    if (items == NULL)
+        return NULL;
+    for (i = 0; i < (Py_ssize_t)count; i++) {
+        const unsigned char *q = (const unsigned char *)body + pos;
+        Py_ssize_t size;
+        PyObject *item;
+        if (n - pos < 4)
+            goto bad;
+        size = (Py_ssize_t)(((size_t)q[0] << 24) | ((size_t)q[1] << 16) | ((size_t)q[2] << 8)
+                            | (size_t)q[3]);
+        pos += 4;
+        if (size > n - pos)
+            goto bad;
+        item = PyBytes_FromStringAndSize(body + pos, size);
+        if (item == NULL) {
+            Py_DECREF(items);
+            return NULL;
+        }
+        PyList_SET_ITEM(items, i, item);
+        pos += size;
+    }
+    if (pos == n)
+        return items;
+bad:
+    Py_DECREF(items);
+    return NULL;
+}
+
+PyDoc_STRVAR(notifications_doc,
+"notifications(fd, request, max_body, tune) -> tuple[int, list[bytes]] | tuple[bytes, bool]\n\n"
+"Send request (a long poll; may be empty), wait without a timeout for the answer, and return\n"
+"(first_seq, notifications) if it is a batch as goplug plugins send it, else\n"
+"(received, eof) for the Python parser to finish.");
+
+static PyObject *
+fast_notifications(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd, err = 0, status;
+    Py_buffer request;
+    struct iovec iov[1];
+    Py_ssize_t max_body, got, n, have, head_len;
+    long long seq, count;
+    const char *after;
+    char *buf;
+    PyObject *body = NULL, *items, *result = NULL;
+
+    (void)module;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "notifications() takes 4 arguments");
+        return NULL;
+    }
+    if ((fd = as_fd(args[0])) < 0)
+        return NULL;
+    max_body = PyLong_AsSsize_t(args[2]);
+    if (max_body == -1 && PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &request, PyBUF_SIMPLE) < 0)
+        return NULL;
+    iov[0].iov_base = request.buf;
+    iov[0].iov_len = (size_t)request.len;
+    buf = PyMem_Malloc(RECV_SIZE);
+    if (buf == NULL) {
+        PyBuffer_Release(&request);
+        return PyErr_NoMemory();
+    }
+    got = send_recv(fd, iov, request.len ? 1 : 0, buf, RECV_SIZE, &err);
+    PyBuffer_Release(&request);
+    if (got < 0) {
+        raise_errno(err);
+        goto done;
+    }
+    if (got == 0) {
+        result = handback(buf, 0, NULL, 0, 1);
+        goto done;
+    }
+    if ((n = parse_batch_head(buf, got, &seq, &count, &after)) < 0 || n > max_body
+        || (have = got - (after - buf)) > n) {
+        result = handback(buf, got, NULL, 0, 0);
+        goto done;
+    }
+    head_len = after - buf;
+    if (have == n) {
+        items = split_batch(after, n, count);
+        if (items != NULL)
+            result = Py_BuildValue("(LN)", seq, items);
+        else if (!PyErr_Occurred())
+            result = handback(buf, got, NULL, 0, 0);
+        goto done;
+    }
+    if (n >= LARGE_BODY && call_tuner(args[3]) < 0)
+        goto done;
+    body = PyBytes_FromStringAndSize(NULL, n);
+    if (body == NULL)
+        goto done;
+    memcpy(PyBytes_AS_STRING(body), after, (size_t)have);
+    /* A long poll's answer has no deadline: the poll waited as long as it had to, and its
+     * body follows its head at once. Nothing else holds body yet: no GIL needed. */
+    status = recv_rest(fd, PyBytes_AS_STRING(body), &have, n, 0.0, 0.0, 0, &err);
+    if (status < 0) {
+        raise_errno(err);
+        goto done;
+    }
+    if (status == 0) {
+        result = handback(buf, head_len, PyBytes_AS_STRING(body), have, 1);
+        goto done;
+    }
+    items = split_batch(PyBytes_AS_STRING(body), n, count);
+    if (items != NULL)
+        result = Py_BuildValue("(LN)", seq, items);
+    else if (!PyErr_Occurred())
+        result = handback(buf, head_len, PyBytes_AS_STRING(body), n, 0);
+done:
+    Py_XDECREF(body);
+    PyMem_Free(buf);
+    return result;
+}
+
 static PyMethodDef fastpath_methods[] = {
     {"exchange", (PyCFunction)(void (*)(void))fast_exchange, METH_FASTCALL, exchange_doc},
     {"serve", (PyCFunction)(void (*)(void))fast_serve, METH_FASTCALL, serve_doc},
     {"ok_body", (PyCFunction)(void (*)(void))fast_ok_body, METH_FASTCALL, ok_body_doc},
     {"request_of", (PyCFunction)(void (*)(void))fast_request_of, METH_FASTCALL, request_of_doc},
+    {"poll_of", (PyCFunction)(void (*)(void))fast_poll_of, METH_FASTCALL, poll_of_doc},
+    {"notifications", (PyCFunction)(void (*)(void))fast_notifications, METH_FASTCALL,
+     notifications_doc},
     {NULL, NULL, 0, NULL},
 };
 

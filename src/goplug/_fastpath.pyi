@@ -55,3 +55,20 @@ def request_of(data: bytes, max_body: int, /) -> tuple[bytes, bytes] | None:
 
     That is a POST whose only headers are Host and Content-Length, as a goplug registry sends.
     """
+
+def notifications(
+    fd: int, request: bytes, max_body: int, tune: Callable[[], object] | None, /
+) -> tuple[int, list[bytes]] | tuple[bytes, bool]:
+    """Send ``request`` (a long poll; may be empty) and wait, with no timeout, for its answer.
+
+    Returns ``(first_seq, notifications)`` if the answer is a batch as goplug plugins send it
+    (``200 OK`` with X-Goplug-Seq, X-Goplug-Count and Content-Length, in that order, and an
+    exactly framed body), else ``(received, eof)`` for the Python parser to finish.
+    """
+
+def poll_of(data: bytes, max_body: int, /) -> tuple[bytes, bytes, int, bytes] | None:
+    """``(target, subscriber, ack, body)`` if ``data`` is exactly one whole long poll.
+
+    That is a POST with Host, X-Goplug-Subscriber, X-Goplug-Ack and Content-Length, in that
+    order, as a goplug registry sends it.
+    """
