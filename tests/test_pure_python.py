@@ -13,7 +13,12 @@ import sys
 from pathlib import Path
 
 TESTS = Path(__file__).parent
-SUITES = ["test_registry.py", "test_reliability_input.py", "test_reliability_faults.py"]
+SUITES = [
+    "test_registry.py",
+    "test_callbacks.py",
+    "test_reliability_input.py",
+    "test_reliability_faults.py",
+]
 
 
 def pure_env() -> dict[str, str]:

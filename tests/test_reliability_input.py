@@ -7,6 +7,7 @@ typed exception; memory stays bounded and well-behaved peers keep being served m
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import socket
 import threading
@@ -40,6 +41,8 @@ from goplug import (
     RegistrySettings,
     ServerSettings,
 )
+from goplug.wire import routes
+from goplug.wire.http import Message, MessageReader
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -394,3 +397,62 @@ def test_rogue_hanging_activation_fails_the_load_within_its_timeout(spawn, plugi
     result, elapsed = deadline_call(lambda: registry.load_plugin("Rogue"), 3)
     assert isinstance(result, CallTimeout), result
     assert elapsed < 1.5
+
+
+# -- long polls sent by hand --------------------------------------------------------------------
+
+
+def _poll(token: bytes, ack: bytes, body: bytes = b'"raw"') -> bytes:
+    """A long poll in the exact form a registry sends (which the plugin parses in C)."""
+    return (
+        b"POST /RegisterCallback HTTP/1.1\r\nHost: Target\r\nX-Goplug-Subscriber: %s\r\n"
+        b"X-Goplug-Ack: %s\r\nContent-Length: %d\r\n\r\n%s" % (token, ack, len(body), body)
+    )
+
+
+def _read_answer(sock: socket.socket, within: float = 5.0) -> Message:
+    reader = MessageReader(True)
+    sock.settimeout(within)
+    while True:
+        data = sock.recv(65536)
+        assert data, "the plugin closed the connection"
+        msg = reader.receive(data)
+        if msg is not None:
+            return msg
+
+
+@pytest.mark.parametrize(
+    "poll",
+    [
+        _poll(b"not a token!", b"0"),
+        _poll(b"t" * 65, b"0"),
+        _poll(b"tok", b"x1"),
+        _poll(b"tok", b"-1"),
+        _poll(b"tok", b"0", b"not json"),
+        _poll(b"tok", b"0", b'""'),
+    ],
+)
+def test_long_polls_with_bad_headers_are_refused(target, poll):
+    with raw_connect(target.sock) as sock:
+        sock.sendall(poll)
+        answer = _read_answer(sock)
+    assert answer.status == 400
+    assert b"ProtocolError" in answer.body
+    target.healthy()
+
+
+def test_a_long_poll_sent_by_hand_gets_numbered_batches(target):
+    with raw_connect(target.sock) as sock:
+        sock.sendall(_poll(b"hand_1", b"0"))
+        wait_for(lambda: b"raw" in target.handle.execute("Callbacks"), timeout=5)
+        assert json.loads(target.handle.execute("NotifyN", b"raw\n3"))["accepted"] == 3
+        received: list[bytes] = []
+        while len(received) < 3:
+            answer = _read_answer(sock)
+            assert answer.status == 200
+            seq = int(answer.header(b"x-goplug-seq"))
+            assert seq == len(received) + 1  # numbered on from what was acknowledged
+            received += routes.decode_batch(answer.body, int(answer.header(b"x-goplug-count")))
+            if len(received) < 3:
+                sock.sendall(_poll(b"hand_1", b"%d" % len(received)))
+        assert received == [b"0", b"1", b"2"]

@@ -138,6 +138,27 @@ class Connection:
         answer = self._exchange(request, body, timeout)
         return _ok_message(answer) if isinstance(answer, bytes) else answer
 
+    def poll(self, request: bytes) -> tuple[int, list[bytes]] | Message:
+        """Send a long poll and wait, with no timeout, for its answer.
+
+        Returns ``(first_seq, notifications)`` for a batch as goplug plugins send it, else the
+        parsed response (raises OSError, FramingError).
+        """
+        if self.fd >= 0 and not self.unread:
+            answer = fastpath.notifications(self.fd, request, self.max_body, memory.tune_malloc)
+            if type(answer[0]) is int:
+                return answer
+            received, eof = answer
+            msg = self._receive(received, bool(eof), 0.0, 0.0)  # type: ignore[arg-type]
+        else:
+            self.sock.sendall(request)
+            data = self.sock.recv(_RECV)
+            msg = self._receive(data, not data, 0.0, 0.0)
+        self.unread = self.reader.in_message
+        if self.unread:  # a plugin answers one poll at a time
+            raise FramingError("unsolicited response")
+        return msg
+
     def _exchange(self, request: bytes, body: bytes | None, timeout: float) -> bytes | Message:
         sock = self.sock
         started = time.monotonic()
@@ -539,37 +560,49 @@ class Subscription:
         set_timeouts(conn.sock, 0)
         conn.timeout = 0.0
         while not self._stop.is_set():
-            extra = b"X-Goplug-Subscriber: %s\r\nX-Goplug-Ack: %d\r\n" % (
-                self.token.encode(),
-                self._ack,
-            )
-            request = client._prefix(routes.REGISTER_CALLBACK, extra)
-            msg = conn.exchange(
-                b"%s%d\r\n\r\n%s" % (request, len(self._body), self._body), None, 0.0
-            )
-            if msg.status != 200:
-                raise routes.error_from_response(msg, routes.REGISTER_CALLBACK)
-            self._answered = True
-            seq_text = msg.header(routes.SEQ_HEADER)
-            if seq_text:
-                count_text = msg.header(routes.COUNT_HEADER, b"1")
-                if not seq_text.isdigit() or not count_text.isdigit():
-                    raise ProtocolError("bad X-Goplug-Seq or X-Goplug-Count")
-                first = int(seq_text)
-                if first <= self._ack:
-                    # A plugin answers only what follows the acknowledged number, so a lower one
-                    # means its numbering restarted (a new process, or an expired subscription).
-                    self._ack = first - 1
-                for offset, item in enumerate(routes.decode_batch(msg.body, int(count_text))):
-                    seq = first + offset
-                    if seq <= self._ack:
-                        continue  # sent again after a cut: already delivered
-                    self._ack = seq
-                    self._deliver(item)
+            answer = conn.poll(self._request(client))
+            keep_alive = True
+            if type(answer) is tuple:
+                items = self._acknowledge(*answer)
             else:
-                self._deliver(msg.body)
-            if not msg.keep_alive:
+                assert isinstance(answer, Message)
+                items = self._items(answer)
+                keep_alive = answer.keep_alive
+            self._answered = True
+            for item in items:
+                self._deliver(item)
+            if not keep_alive:
                 return
+
+    def _request(self, client: PluginClient) -> bytes:
+        extra = b"X-Goplug-Subscriber: %s\r\nX-Goplug-Ack: %d\r\n" % (
+            self.token.encode(),
+            self._ack,
+        )
+        prefix = client._prefix(routes.REGISTER_CALLBACK, extra)
+        return b"%s%d\r\n\r\n%s" % (prefix, len(self._body), self._body)
+
+    def _items(self, msg: Message) -> list[bytes]:
+        """The notifications a parsed poll answer brings (a numbered batch is acknowledged)."""
+        if msg.status != 200:
+            raise routes.error_from_response(msg, routes.REGISTER_CALLBACK)
+        seq_text = msg.header(routes.SEQ_HEADER)
+        if not seq_text:
+            return [msg.body]  # a GoPlug plugin: one notification per poll, unnumbered
+        count_text = msg.header(routes.COUNT_HEADER, b"1")
+        if not seq_text.isdigit() or not count_text.isdigit():
+            raise ProtocolError("bad X-Goplug-Seq or X-Goplug-Count")
+        return self._acknowledge(int(seq_text), routes.decode_batch(msg.body, int(count_text)))
+
+    def _acknowledge(self, first: int, items: list[bytes]) -> list[bytes]:
+        """Acknowledge a numbered batch; return its notifications."""
+        if first <= self._ack:
+            # A plugin answers only what follows the acknowledged number, so a lower one
+            # means its numbering restarted (a new process, or an expired subscription).
+            self._ack = first - 1
+        if items:
+            self._ack = first + len(items) - 1
+        return items
 
     def _deliver(self, data: bytes) -> None:
         if self._stop.is_set():

@@ -139,6 +139,7 @@ class Server:
         # Request targets the C fast path answers by itself (filled as the Python path meets
         # them, so both agree on which target is which method by construction).
         self._fast_targets: dict[bytes, MethodFunc] = {}
+        self._callback_names: dict[bytes, str] = {}  # a poll's body -> its callback name
         self._lock = threading.Lock()
         self._closing = False
         self._accept_thread = threading.Thread(
@@ -240,9 +241,12 @@ class Server:
         max_body = settings.limits.max_body
         # Elsewhere (TLS) a call's request is still recognised in C when it arrives whole.
         request_of = fastpath.request_of if fastpath is not None and authorized else None
+        # So is a long poll, wherever it arrives (a notification waits on its parsing).
+        poll_of = fastpath.poll_of if fastpath is not None and authorized else None
         fast_targets = self._fast_targets
         try:
             while True:
+                data: bytes | None = None  # a request's bytes, for the parsers below
                 if fd >= 0 and not reader.in_message:
                     outcome = fastpath.serve(
                         fd, self._fast_targets, max_body, timeout, memory.tune_malloc
@@ -252,9 +256,7 @@ class Server:
                         served = True  # a request arrived: the connection is not idle
                         idle_periods = 0
                     if code == fastpath.DATA:
-                        msg = receive(outcome[2])
-                        if msg is None:
-                            continue
+                        data = outcome[2]
                     elif code == fastpath.IDLE:
                         idle_periods += 1
                         if not served or idle_periods >= idle_limit:
@@ -291,9 +293,6 @@ class Server:
                             idle_periods = 0
                             self._call(conn, call[0], method, call[1])
                             continue
-                    msg = receive(data)
-                    if msg is None:
-                        continue
                 else:
                     msg = reader.next_message()  # a pipelined request, or the rest of one
                     if msg is None:
@@ -319,6 +318,18 @@ class Server:
                             return
                         reader.feed(data)
                         continue
+                if data is not None:
+                    poll = poll_of(data, max_body) if poll_of is not None else None
+                    if poll is not None and self._route_of(poll[0]) == routes.REGISTER_CALLBACK:
+                        served = True
+                        idle_periods = 0
+                        if not self._long_poll(conn, poll[3], poll[1] or None, poll[2]):
+                            return
+                        continue
+                    msg = receive(data)
+                    if msg is None:
+                        continue
+                assert msg is not None  # every branch above that has none went on or returned
                 started = 0.0
                 idle_periods = 0
                 served = True
@@ -391,7 +402,12 @@ class Server:
 
     def _route_of(self, target: bytes) -> str:
         text = target.decode("ascii")
-        return self._routes.get(text) or routes.route_of(text, self._prefix)
+        route = self._routes.get(text)
+        if route is None:
+            route = routes.route_of(text, self._prefix)
+            if len(self._routes) < 4096:
+                self._routes[text] = route
+        return route
 
     def _call(self, conn: socket.socket, target: bytes, method: MethodFunc, body: bytes) -> None:
         """Call a method met before (its target is in the fast targets) and answer."""
@@ -428,14 +444,22 @@ class Server:
             conn.sendall(body)
 
     def _poll(self, conn: socket.socket, msg: Message) -> bool:
+        ack_text = msg.header(routes.ACK_HEADER, b"0")
+        if not ack_text.isdigit():
+            return self._send_error(conn, 400, ProtocolError("invalid X-Goplug-Ack"))
+        token = msg.header(routes.SUBSCRIBER_HEADER) or None
+        return self._long_poll(conn, msg.body, token, int(ack_text))
+
+    def _long_poll(self, conn: socket.socket, body: bytes, token: bytes | None, ack: int) -> bool:
+        """Wait for notifications for one subscriber and answer them."""
         try:
-            name = routes.parse_callback_name(msg.body)
-            token = msg.header(routes.SUBSCRIBER_HEADER) or None
+            name = self._callback_names.get(body)
+            if name is None:
+                name = routes.parse_callback_name(body)
+                if len(self._callback_names) < 1024:
+                    self._callback_names[body] = name
             if token is not None and not routes.valid_subscriber(token):
                 raise ProtocolError("invalid X-Goplug-Subscriber")
-            ack_text = msg.header(routes.ACK_HEADER, b"0")
-            if not ack_text.isdigit():
-                raise ProtocolError("invalid X-Goplug-Ack")
         except ProtocolError as exc:
             return self._send_error(conn, 400, exc)
 
@@ -448,20 +472,20 @@ class Server:
         def answer(batch: Batch) -> bool:
             # Called by the hub while this poll waits, on the thread of the notify that brought
             # the batch (or on this one, below): never on both at once.
-            body = b"".join(routes.encode_batch(batch.items))
+            records = b"".join(routes.encode_batch(batch.items))
             extra = b"X-Goplug-Seq: %d\r\nX-Goplug-Count: %d\r\n" % (
                 batch.first_seq,
                 len(batch.items),
             )
             try:
-                return self._send(conn, 200, body, extra)
+                return self._send(conn, 200, records, extra)
             except OSError:  # the registry went away: it polls again on a new connection
                 return False
 
         batch = self._hub.poll(
             token.decode() if token else None,
             name,
-            int(ack_text),
+            ack,
             peer_gone,
             answer=answer if token else None,
         )
