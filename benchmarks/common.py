@@ -29,7 +29,7 @@ PLUGIN_SCRIPT = os.path.join(HERE, "plugins", "bench_plugin.py")
 
 PAYLOADS = {"64B": 64, "4KiB": 4096, "1MiB": 1 << 20, "16MiB": 16 << 20}
 BULK_PAYLOADS = ("1MiB", "16MiB")
-CHUNK = 64 * 1024  # largest recv size on hot paths (BENCH-NOTES: bigger recv() buffers mmap)
+CHUNK = 64 * 1024  # largest recv size on hot paths (a larger recv() buffer costs an mmap per call)
 
 
 class Skip(Exception):

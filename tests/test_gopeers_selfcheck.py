@@ -2,7 +2,7 @@
 
 go_plugin.py must answer what the original Go plugin answered, and go_registry.py must send what
 the original Go registry sent and accept only what it accepted. The expected bytes below are
-copied from /work/shared/GOPLUG-WIRE-TRANSCRIPTS.md; only Date values may differ.
+captured from GoPlug 0.1.0 on the wire; only Date values may differ.
 """
 
 from __future__ import annotations
