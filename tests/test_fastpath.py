@@ -1,4 +1,4 @@
-"""The C fast path of a call (goplug/_fastpath.c), on real socket pairs.
+"""The C fast path of a call and of a callback's long poll (goplug/_fastpath.c), on socket pairs.
 
 Each case drives one side with the fast path and plays the other side by hand, byte for byte,
 so what the fast path must hand back to the Python parser is checked as precisely as what it

@@ -1,14 +1,16 @@
-/* The common case of a call, in C: one request and one "200 OK" answer on a plain socket.
+/* The common case of a call, in C: one request and one "200 OK" answer on a plain socket;
+ * and the common case of a callback: a long poll and the batch of notifications answering it.
  *
  * goplug/wire/http.py is the protocol; this file only recognises the exact messages goplug
- * peers send for a call (a POST with Host and Content-Length, a 200 OK with Content-Length)
- * and hands everything else back to the Python parser untouched, so it never has to
- * understand more of HTTP than that. What it saves is the Python work around each system
- * call: on a 64-byte call that work costs more than the round trip through the kernel.
+ * peers send (a POST with Host and Content-Length, a 200 OK with Content-Length; a long poll
+ * and a batch with their X-Goplug headers, in the order goplug writes them) and hands
+ * everything else back to the Python parser untouched, so it never has to understand more of
+ * HTTP than that. What it saves is the Python work around each system call: on a 64-byte call
+ * that work costs more than the round trip through the kernel.
  *
- * Both functions release the GIL around every system call. Timeouts are the socket's own
- * (SO_RCVTIMEO/SO_SNDTIMEO, set by goplug.transport.set_timeouts): an expired one surfaces as
- * EAGAIN, which becomes BlockingIOError exactly as it would from socket.recv.
+ * The functions that touch a socket release the GIL around every system call. Timeouts are the
+ * socket's own (SO_RCVTIMEO/SO_SNDTIMEO, set by goplug.transport.set_timeouts): an expired one
+ * surfaces as EAGAIN, which becomes BlockingIOError exactly as it would from socket.recv.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -1,4 +1,4 @@
-"""The common case of a goplug call in C (``_fastpath.c``); goplug.wire.http is the protocol."""
+"""A goplug call and a callback's long poll in C (``_fastpath.c``); wire.http is the protocol."""
 
 from collections.abc import Callable
 from typing import Any
