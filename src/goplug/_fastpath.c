@@ -264,6 +264,25 @@ call_tuner(PyObject *tune)
     return 0;
 }
 
+/* A body of n bytes whose first *have came with its head (at start), the rest received straight
+ * into it by recv_rest (which sets *status, *have and *err). Returns it, complete or not, or
+ * NULL with an exception set. */
+static PyObject *
+body_after(int fd, const char *start, Py_ssize_t *have, Py_ssize_t n, double deadline,
+           double timeout, int shrink, PyObject *tune, int *status, int *err)
+{
+    PyObject *body;
+    if (n >= LARGE_BODY && call_tuner(tune) < 0)
+        return NULL;
+    body = PyBytes_FromStringAndSize(NULL, n);
+    if (body == NULL)
+        return NULL;
+    memcpy(PyBytes_AS_STRING(body), start, (size_t)*have);
+    /* Nothing else holds body yet, so receiving into it without the GIL is safe. */
+    *status = recv_rest(fd, PyBytes_AS_STRING(body), have, n, deadline, timeout, shrink, err);
+    return body;
+}
+
 /* The fallback of exchange(): what arrived, for the Python parser, and whether the peer closed. */
 static PyObject *
 handback(const char *head, Py_ssize_t head_len, const char *rest, Py_ssize_t rest_len, int eof)
@@ -290,6 +309,75 @@ as_fd(PyObject *obj)
     return (int)fd;
 }
 
+/* What recognises an answer's head: the body's length, with *after set at the body; or -1. */
+typedef Py_ssize_t (*head_parser)(const char *buf, Py_ssize_t len, const char **after,
+                                  void *fields);
+
+static Py_ssize_t
+ok_head(const char *buf, Py_ssize_t len, const char **after, void *fields)
+{
+    (void)fields;
+    return parse_ok(buf, len, after);
+}
+
+struct batch_fields {
+    long long seq, count;
+};
+
+static Py_ssize_t
+batch_head(const char *buf, Py_ssize_t len, const char **after, void *fields)
+{
+    struct batch_fields *f = fields;
+    return parse_batch_head(buf, len, &f->seq, &f->count, after);
+}
+
+/* Send iov (nothing if iovcnt is 0), then receive one answer whose head parse recognises, with
+ * its whole body: bounded by timeout when it is above 0 (a long poll's answer has no bound).
+ * Returns the body, with *head_len set and the head still in buf (RECV_SIZE bytes); or NULL
+ * with *back set to (received, eof) for the Python parser; or NULL with an exception set. */
+static PyObject *
+receive_answer(int fd, struct iovec *iov, int iovcnt, char *buf, head_parser parse,
+               void *fields, Py_ssize_t max_body, double timeout, PyObject *tune,
+               Py_ssize_t *head_len, PyObject **back)
+{
+    double deadline = monotonic() + timeout;
+    Py_ssize_t got, n, have;
+    const char *after;
+    PyObject *body;
+    int err = 0, status;
+
+    *back = NULL;
+    got = send_recv(fd, iov, iovcnt, buf, RECV_SIZE, &err);
+    if (got < 0) {
+        raise_errno(err);
+        return NULL;
+    }
+    if (got == 0) {
+        *back = handback(buf, 0, NULL, 0, 1);
+        return NULL;
+    }
+    /* More than one answer (bytes nobody asked for) is the Python parser's to report. */
+    if ((n = parse(buf, got, &after, fields)) < 0 || n > max_body
+        || (have = got - (after - buf)) > n) {
+        *back = handback(buf, got, NULL, 0, 0);
+        return NULL;
+    }
+    *head_len = after - buf;
+    if (have == n)
+        return PyBytes_FromStringAndSize(after, n);
+    body = body_after(fd, after, &have, n, deadline, timeout, 1, tune, &status, &err);
+    if (body == NULL || status == 1)
+        return body;
+    if (status == 0)
+        *back = handback(buf, *head_len, PyBytes_AS_STRING(body), have, 1);
+    else if (err == ETIMEDOUT)
+        PyErr_SetString(PyExc_TimeoutError, "response not complete within the timeout");
+    else
+        raise_errno(err);
+    Py_DECREF(body);
+    return NULL;
+}
+
 PyDoc_STRVAR(exchange_doc,
 "exchange(fd, prefix, data, timeout, max_body, tune) -> bytes | tuple[bytes, bool]\n\n"
 "Send prefix + len(data) + CRLFCRLF + data; return the body of a plain 200 OK answer, or\n"
@@ -298,16 +386,14 @@ PyDoc_STRVAR(exchange_doc,
 static PyObject *
 fast_exchange(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    int fd, err = 0;
+    int fd;
     Py_buffer data;
     char length_line[32];
     struct iovec iov[3];
-    double timeout, deadline;
-    Py_ssize_t max_body, got, n, have, head_len;
-    const char *after;
+    double timeout;
+    Py_ssize_t max_body, head_len;
     char *buf;
-    PyObject *body, *result = NULL;
-    int status;
+    PyObject *body, *back;
 
     (void)module;
     if (nargs != 6) {
@@ -328,8 +414,6 @@ fast_exchange(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (PyObject_GetBuffer(args[2], &data, PyBUF_SIMPLE) < 0)
         return NULL;
-    deadline = monotonic() + timeout;
-
     iov[0].iov_base = PyBytes_AS_STRING(args[1]);
     iov[0].iov_len = (size_t)PyBytes_GET_SIZE(args[1]);
     iov[1].iov_base = length_line;
@@ -342,55 +426,11 @@ fast_exchange(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyBuffer_Release(&data);
         return PyErr_NoMemory();
     }
-    got = send_recv(fd, iov, data.len ? 3 : 2, buf, RECV_SIZE, &err);
+    body = receive_answer(fd, iov, data.len ? 3 : 2, buf, ok_head, NULL, max_body, timeout,
+                          args[5], &head_len, &back);
     PyBuffer_Release(&data);
-    if (got < 0) {
-        raise_errno(err);
-        goto done;
-    }
-    if (got == 0) {
-        result = handback(buf, 0, NULL, 0, 1);
-        goto done;
-    }
-    if ((n = parse_ok(buf, got, &after)) < 0 || n > max_body) {
-        result = handback(buf, got, NULL, 0, 0);
-        goto done;
-    }
-    head_len = after - buf;
-    have = got - head_len;
-    if (have == n) {
-        result = PyBytes_FromStringAndSize(after, n);
-        goto done;
-    }
-    if (have > n) { /* bytes nobody asked for: the Python parser reports them */
-        result = handback(buf, got, NULL, 0, 0);
-        goto done;
-    }
-    if (n >= LARGE_BODY && call_tuner(args[5]) < 0)
-        goto done;
-    body = PyBytes_FromStringAndSize(NULL, n);
-    if (body == NULL)
-        goto done;
-    memcpy(PyBytes_AS_STRING(body), after, (size_t)have);
-    /* Nothing else holds body yet, so receiving into it without the GIL is safe. */
-    status = recv_rest(fd, PyBytes_AS_STRING(body), &have, n, deadline, timeout, 1, &err);
-    if (status == 0) {
-        result = handback(buf, head_len, PyBytes_AS_STRING(body), have, 1);
-        Py_DECREF(body);
-        goto done;
-    }
-    if (status < 0) {
-        if (err == ETIMEDOUT)
-            PyErr_SetString(PyExc_TimeoutError, "response not complete within the timeout");
-        else
-            raise_errno(err);
-        Py_DECREF(body);
-        goto done;
-    }
-    result = body;
-done:
     PyMem_Free(buf);
-    return result;
+    return body != NULL ? body : back;
 }
 
 PyDoc_STRVAR(ok_body_doc,
@@ -463,15 +503,8 @@ receive_body(int fd, const char *start, Py_ssize_t have, Py_ssize_t n, double ti
     int err = 0, status;
 
     *code = -1;
-    if (n >= LARGE_BODY && call_tuner(tune) < 0)
-        return NULL;
-    body = PyBytes_FromStringAndSize(NULL, n);
-    if (body == NULL)
-        return NULL;
-    memcpy(PyBytes_AS_STRING(body), start, (size_t)have);
-    /* Nothing else holds body yet, so receiving into it without the GIL is safe. */
-    status = recv_rest(fd, PyBytes_AS_STRING(body), &have, n, deadline, timeout, 0, &err);
-    if (status == 1)
+    body = body_after(fd, start, &have, n, deadline, timeout, 0, tune, &status, &err);
+    if (body == NULL || status == 1)
         return body;
     if (status == 0)
         *code = SERVE_EOF;
@@ -712,14 +745,13 @@ PyDoc_STRVAR(notifications_doc,
 static PyObject *
 fast_notifications(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    int fd, err = 0, status;
+    int fd;
     Py_buffer request;
     struct iovec iov[1];
-    Py_ssize_t max_body, got, n, have, head_len;
-    long long seq, count;
-    const char *after;
+    struct batch_fields fields = {0, 0};
+    Py_ssize_t max_body, head_len;
     char *buf;
-    PyObject *body = NULL, *items, *result = NULL;
+    PyObject *body, *back, *items;
 
     (void)module;
     if (nargs != 4) {
@@ -740,56 +772,21 @@ fast_notifications(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyBuffer_Release(&request);
         return PyErr_NoMemory();
     }
-    got = send_recv(fd, iov, request.len ? 1 : 0, buf, RECV_SIZE, &err);
+    /* A long poll's answer has no deadline: the poll waits as long as it has to, and the
+     * answer's body follows its head at once. */
+    body = receive_answer(fd, iov, request.len ? 1 : 0, buf, batch_head, &fields, max_body, 0.0,
+                          args[3], &head_len, &back);
     PyBuffer_Release(&request);
-    if (got < 0) {
-        raise_errno(err);
-        goto done;
-    }
-    if (got == 0) {
-        result = handback(buf, 0, NULL, 0, 1);
-        goto done;
-    }
-    if ((n = parse_batch_head(buf, got, &seq, &count, &after)) < 0 || n > max_body
-        || (have = got - (after - buf)) > n) {
-        result = handback(buf, got, NULL, 0, 0);
-        goto done;
-    }
-    head_len = after - buf;
-    if (have == n) {
-        items = split_batch(after, n, count);
+    if (body != NULL) {
+        items = split_batch(PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), fields.count);
         if (items != NULL)
-            result = Py_BuildValue("(LN)", seq, items);
+            back = Py_BuildValue("(LN)", fields.seq, items);
         else if (!PyErr_Occurred())
-            result = handback(buf, got, NULL, 0, 0);
-        goto done;
+            back = handback(buf, head_len, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), 0);
+        Py_DECREF(body);
     }
-    if (n >= LARGE_BODY && call_tuner(args[3]) < 0)
-        goto done;
-    body = PyBytes_FromStringAndSize(NULL, n);
-    if (body == NULL)
-        goto done;
-    memcpy(PyBytes_AS_STRING(body), after, (size_t)have);
-    /* A long poll's answer has no deadline: the poll waited as long as it had to, and its
-     * body follows its head at once. Nothing else holds body yet: no GIL needed. */
-    status = recv_rest(fd, PyBytes_AS_STRING(body), &have, n, 0.0, 0.0, 0, &err);
-    if (status < 0) {
-        raise_errno(err);
-        goto done;
-    }
-    if (status == 0) {
-        result = handback(buf, head_len, PyBytes_AS_STRING(body), have, 1);
-        goto done;
-    }
-    items = split_batch(PyBytes_AS_STRING(body), n, count);
-    if (items != NULL)
-        result = Py_BuildValue("(LN)", seq, items);
-    else if (!PyErr_Occurred())
-        result = handback(buf, head_len, PyBytes_AS_STRING(body), n, 0);
-done:
-    Py_XDECREF(body);
     PyMem_Free(buf);
-    return result;
+    return back;
 }
 
 static PyMethodDef fastpath_methods[] = {
