@@ -139,7 +139,7 @@ class Server:
         # Request targets the C fast path answers by itself (filled as the Python path meets
         # them, so both agree on which target is which method by construction).
         self._fast_targets: dict[bytes, MethodFunc] = {}
-        self._callback_names: dict[bytes, str] = {}  # a poll's body -> its callback name
+        self._callback_names: dict[bytes, str] = {}  # a poll's (short) body -> its callback name
         self._lock = threading.Lock()
         self._closing = False
         self._accept_thread = threading.Thread(
@@ -456,7 +456,7 @@ class Server:
             name = self._callback_names.get(body)
             if name is None:
                 name = routes.parse_callback_name(body)
-                if len(self._callback_names) < 1024:
+                if len(self._callback_names) < 1024 and len(body) <= 1024:
                     self._callback_names[body] = name
             if token is not None and not routes.valid_subscriber(token):
                 raise ProtocolError("invalid X-Goplug-Subscriber")
