@@ -267,6 +267,29 @@ def test_mixed_abuse_keeps_memory_bounded_and_serving(target):
     assert target.rss() - rss_before < 64 * 1024  # KiB
 
 
+def test_ever_new_long_targets_do_not_make_the_plugin_grow(target):
+    # What a plugin remembers of the targets it met is bounded in count and length: 2000
+    # different 60 KB targets (query strings on a real method) would hold 240 MB otherwise.
+    rss_before = target.rss()
+    reader = MessageReader(True)
+    deadline = time.monotonic() + 30
+    with raw_connect(target.sock) as sock:
+        for i in range(2000):
+            query = b"%d-" % i + b"q" * 60_000
+            sock.sendall(
+                b"POST /Echo?%s HTTP/1.1\r\nHost: Target\r\nContent-Length: 1\r\n\r\nx" % query
+            )
+            answer = None
+            while answer is None:
+                data = sock.recv(65536)
+                assert data, "the plugin closed the connection"
+                answer = reader.receive(data)
+            assert (answer.status, answer.body) == (200, b"x")
+            assert time.monotonic() < deadline
+    target.healthy()
+    assert target.rss() - rss_before < 32 * 1024  # KiB
+
+
 # -- limits per registry and per plugin ------------------------------------------------------------
 
 

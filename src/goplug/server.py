@@ -46,6 +46,11 @@ _OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: "
 _JSON = b"Content-Type: application/json\r\n"
 _RECV = 65536
 _BIG_RECV = 1024 * 1024  # receive size while a large body is coming
+# What a server remembers of the requests it met (targets -> routes and methods, poll bodies ->
+# callback names): this many entries of at most this many characters each, so that clients
+# sending ever new targets cannot make it grow.
+_CACHED = 4096
+_CACHED_LEN = 512
 
 
 class ServerSettings(NamedTuple):
@@ -360,11 +365,11 @@ class Server:
         route = self._routes.get(target)
         if route is None:
             route = routes.route_of(target, self._prefix)
-            if len(self._routes) < 4096:
+            if len(self._routes) < _CACHED and len(target) <= _CACHED_LEN:
                 self._routes[target] = route
         method = self._methods.get(route)
         if method is not None:
-            if len(self._fast_targets) < 4096:
+            if len(self._fast_targets) < _CACHED and len(target) <= _CACHED_LEN:
                 self._fast_targets[target.encode("ascii")] = method
             try:
                 body = method(msg.body)
@@ -405,7 +410,7 @@ class Server:
         route = self._routes.get(text)
         if route is None:
             route = routes.route_of(text, self._prefix)
-            if len(self._routes) < 4096:
+            if len(self._routes) < _CACHED and len(text) <= _CACHED_LEN:
                 self._routes[text] = route
         return route
 
@@ -456,7 +461,7 @@ class Server:
             name = self._callback_names.get(body)
             if name is None:
                 name = routes.parse_callback_name(body)
-                if len(self._callback_names) < 1024 and len(body) <= 1024:
+                if len(self._callback_names) < _CACHED and len(body) <= _CACHED_LEN:
                     self._callback_names[body] = name
             if token is not None and not routes.valid_subscriber(token):
                 raise ProtocolError("invalid X-Goplug-Subscriber")
