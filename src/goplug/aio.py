@@ -53,6 +53,7 @@ Callback = Callable[[bytes], object]
 _MAX_CONNECTIONS = 64
 _WRITE_PIECE = 256 * 1024
 _RECV = 65536
+_ok_body = fastpath.ok_body if fastpath is not None else None
 _BIG_RECV = 1024 * 1024  # receive size while a large body is coming
 
 
@@ -66,6 +67,7 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[bytes | Message] | None = None
         self.deadline = 0.0  # loop time by which the call in flight must be answered
         self.lost = False
+        self._partial = False  # the reader holds part of an answer: the C recogniser must wait
         self._sized = False  # the transport's receive size can be set
         self._big = False  # it is set for a large body
         self._paused = False
@@ -111,11 +113,12 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         waiter = self.waiter
         msg: bytes | Message | None = None
-        if fastpath is not None and not self.reader.in_message:
-            msg = fastpath.ok_body(data, self.max_body)  # the usual answer, parsed in C
+        if _ok_body is not None and not self._partial:
+            msg = _ok_body(data, self.max_body)  # the usual answer, parsed in C
         try:
             if msg is None:
                 msg = self.reader.receive(data)
+                self._partial = self.reader.in_message
         except FramingError as exc:
             self._fail(ProtocolError(str(exc)))
             return
@@ -251,8 +254,11 @@ class _Pool:
             raise
         finally:
             self._busy.discard(conn)
-        if (isinstance(msg, bytes) or msg.keep_alive) and not conn.lost:
-            self._release(conn)
+        if (type(msg) is bytes or msg.keep_alive) and not conn.lost:  # type: ignore[union-attr]
+            if self._waiting:
+                self._release(conn)
+            else:
+                self._idle.append(conn)
         else:
             conn.close()
             self._replace_for_waiter(loop)
