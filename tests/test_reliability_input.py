@@ -6,6 +6,7 @@ typed exception; memory stays bounded and well-behaved peers keep being served m
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import resource
@@ -40,6 +41,7 @@ from goplug import (
     ProtocolError,
     RegistrySettings,
     ServerSettings,
+    aio,
 )
 from goplug.wire import routes
 from goplug.wire.http import Message, MessageReader
@@ -390,6 +392,42 @@ def test_rogue_announcing_10gb_allocates_nothing_with_default_limits(spawn, plug
         assert isinstance(result, ProtocolError), result
         assert elapsed < 1.0
     assert vm_rss_kib() - rss_before < 16 * 1024  # KiB
+
+
+def test_rogue_smuggled_answer_is_never_taken_for_the_next_one(rogue):
+    assert rogue.execute("SmuggledAnswer") == b"hello"
+    for i in range(5):
+        payload = b"echo %d" % i
+        try:
+            answer = rogue.execute("Echo", payload)
+        except ProtocolError:
+            continue  # the unsolicited answer was detected: fine, that connection is dropped
+        assert answer == payload
+
+
+def test_rogue_smuggled_answer_is_never_taken_for_the_next_one_by_aio(spawn, plugin_dir):
+    start_plugin(spawn, plugin_dir, "Rogue", script=ROGUE_PLUGIN)
+    settings = RegistrySettings(client=ClientSettings(call_timeout=CALL_TIMEOUT))
+
+    async def main() -> None:
+        async with aio.PluginRegistry(plugin_dir, settings=settings) as registry:
+            deadline = time.monotonic() + 10
+            while not registry.is_loaded("Rogue"):
+                assert time.monotonic() < deadline, "the rogue plugin was not loaded"
+                await asyncio.sleep(0.01)
+            handle = registry.get_plugin("Rogue")
+            assert handle is not None
+            for extra in (b"ShortLength", b"SmuggledAnswer"):
+                assert await handle.execute(extra.decode()) == b"hello"
+                for i in range(5):
+                    payload = b"echo %d" % i
+                    try:
+                        answer = await handle.execute("Echo", payload)
+                    except ProtocolError:
+                        continue
+                    assert answer == payload
+
+    asyncio.run(main())
 
 
 def test_rogue_extra_bytes_are_never_taken_for_the_next_answer(rogue):

@@ -133,6 +133,10 @@ class _Connection(asyncio.Protocol):
             return
         self.waiter = None
         waiter.set_result(msg)
+        if self._partial:
+            # Bytes after the answer answer nothing that was asked: were the connection used
+            # again, they would be taken for the next call's answer.
+            self._fail(ProtocolError("unsolicited response"))
 
     def _size_receives(self, wanted: int) -> None:
         """Receive a large body in large pieces (kept as they come), anything else in small."""

@@ -69,6 +69,16 @@ def b_short_length(conn: socket.socket, body: bytes) -> bool:
     return True
 
 
+def b_smuggled_answer(conn: socket.socket, body: bytes) -> bool:
+    # A whole second answer after the first, in the same write: it answers nothing that was
+    # asked, so it must never be taken for the answer to the next request.
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+    )
+    return True
+
+
 def b_never_ends(conn: socket.socket, body: bytes) -> bool:
     _trickle(conn, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"1\r\nx\r\n", 0.05)
     return False
@@ -142,6 +152,7 @@ BEHAVIOURS = {
     "Truncated": b_truncated,
     "TruncatedOpen": b_truncated_open,
     "ShortLength": b_short_length,
+    "SmuggledAnswer": b_smuggled_answer,
     "NeverEnds": b_never_ends,
     "NeverEndsLength": b_never_ends_length,
     "Flood": b_flood,
