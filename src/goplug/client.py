@@ -319,7 +319,13 @@ class PluginClient:
         if isinstance(answer, bytes):
             keep = not self._closed
         else:
-            keep = answer.keep_alive and not self._closed and answer.status not in _CLOSING_STATUSES
+            # Bytes left after the answer answer nothing that was asked: the connection ends.
+            keep = (
+                answer.keep_alive
+                and not self._closed
+                and answer.status not in _CLOSING_STATUSES
+                and not conn.reader.in_message
+            )
         if keep:
             self._idle.append(conn)
         else:
