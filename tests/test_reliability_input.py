@@ -382,6 +382,34 @@ def test_rogue_answer_raises_typed_error_within_the_timeout(rogue, behaviour):
     assert rogue.state is PluginState.LOADED
 
 
+def test_rogue_answers_raise_the_same_typed_errors_through_aio(spawn, plugin_dir):
+    start_plugin(spawn, plugin_dir, "Rogue", script=ROGUE_PLUGIN)
+    limits = Limits(max_body=ROGUE_LIMIT)
+    settings = RegistrySettings(client=ClientSettings(call_timeout=CALL_TIMEOUT, limits=limits))
+
+    async def main() -> None:
+        async with aio.PluginRegistry(plugin_dir, settings=settings) as registry:
+            deadline = time.monotonic() + 10
+            while not registry.is_loaded("Rogue"):
+                assert time.monotonic() < deadline, "the rogue plugin was not loaded"
+                await asyncio.sleep(0.01)
+            handle = registry.get_plugin("Rogue")
+            assert handle is not None
+            for behaviour, errors in ROGUE.items():
+                started = time.monotonic()
+                with pytest.raises(errors):
+                    await asyncio.wait_for(handle.execute(behaviour), CALL_TIMEOUT + 2)
+                elapsed = time.monotonic() - started
+                assert elapsed < CALL_TIMEOUT + 0.5, behaviour
+                if behaviour in FAST:
+                    assert elapsed < 1.0, behaviour
+                payload = b"after " + behaviour.encode()
+                assert await handle.execute("Echo", payload) == payload, behaviour
+                assert handle.state is PluginState.LOADED
+
+    asyncio.run(main())
+
+
 def test_rogue_announcing_10gb_allocates_nothing_with_default_limits(spawn, plugin_dir, registries):
     start_plugin(spawn, plugin_dir, "Rogue", script=ROGUE_PLUGIN)
     registry = registries(plugin_dir)
