@@ -410,6 +410,30 @@ def test_rogue_answers_raise_the_same_typed_errors_through_aio(spawn, plugin_dir
     asyncio.run(main())
 
 
+@pytest.mark.parametrize(
+    "name", ["Garbage", "BadRecords", "HugeBatch", "SmuggledBatch", "CutBatch"]
+)
+def test_rogue_poll_answers_deliver_nothing_and_the_subscription_lives_on(rogue, name):
+    rss_before = vm_rss_kib()
+    got: list[bytes] = []
+    subscription = rogue.register_callback(got.append, name)
+    # Each broken answer ends that poll; the subscription polls again (with backoff).
+    wait_for(lambda: int(rogue.execute("PollCount", name.encode())) >= 3, timeout=10)
+    assert subscription.alive
+    assert got == []
+    assert vm_rss_kib() - rss_before < 16 * 1024  # KiB: nothing of an announced 10 GB
+    assert rogue.execute("Echo", b"still") == b"still"
+    assert rogue.state is PluginState.LOADED
+
+
+def test_rogue_poll_answer_in_goplug_form_is_delivered_once(rogue):
+    got: list[bytes] = []
+    rogue.register_callback(got.append, "Numbered")
+    wait_for(lambda: int(rogue.execute("PollCount", b"Numbered")) >= 2, timeout=10)
+    # The second poll (acknowledging both) is held open: nothing more comes.
+    assert got == [b"one", b"two"]
+
+
 def test_rogue_announcing_10gb_allocates_nothing_with_default_limits(spawn, plugin_dir, registries):
     start_plugin(spawn, plugin_dir, "Rogue", script=ROGUE_PLUGIN)
     registry = registries(plugin_dir)

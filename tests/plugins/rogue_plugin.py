@@ -4,7 +4,9 @@
 
 It listens on ``DIR/<stem>.sock``, announces itself with a valid `.pconf` (so a registry loads
 it) and then answers each route with the behaviour of that name (see ``BEHAVIOURS``): ``Echo``
-and ``Ping`` behave; every other route breaks the protocol in its own way. ``--activate=X``
+and ``Ping`` behave; every other route breaks the protocol in its own way. A long poll is
+answered as its callback's name says (see ``answer_poll``); ``PollCount`` (input: a callback
+name) tells how many polls for it arrived. ``--activate=X``
 makes `/Activate` itself behave as X. ``--user=UID`` (when started as root) drops to that uid
 and its primary group before creating anything, so the socket and the `.pconf` belong to it.
 """
@@ -167,6 +169,47 @@ BEHAVIOURS = {
 }
 
 
+# -- long polls: the callback named in a /RegisterCallback says how to answer it --------------
+
+_POLLS: dict[str, int] = {}  # polls seen per callback name (``PollCount`` tells)
+_POLLS_LOCK = threading.Lock()
+
+
+def _batch(seq: int, items: list[bytes], count: int | None = None) -> bytes:
+    body = b"".join(len(i).to_bytes(4, "big") + i for i in items)
+    extra = b"X-Goplug-Seq: %d\r\nX-Goplug-Count: %d\r\n" % (
+        seq,
+        len(items) if count is None else count,
+    )
+    return _response("200 OK", body, extra)
+
+
+def answer_poll(conn: socket.socket, name: str) -> bool:
+    """Answer a long poll for callback ``name`` (a behaviour); False when the connection ends."""
+    with _POLLS_LOCK:
+        seen = _POLLS[name] = _POLLS.get(name, 0) + 1
+    if name == "Numbered" and seen == 1:
+        conn.sendall(_batch(1, [b"one", b"two"]))
+    elif name == "Garbage":
+        conn.sendall(b"\x00\x01 not an answer\r\n\r\n")
+    elif name == "BadRecords":  # counts two records, carries one
+        conn.sendall(_batch(1, [b"only"], count=2))
+    elif name == "HugeBatch":
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nX-Goplug-Seq: 1\r\nX-Goplug-Count: 1\r\n"
+            b"Content-Length: 10737418240\r\n\r\n"
+        )
+    elif name == "SmuggledBatch":  # a second, unasked batch in the same write
+        conn.sendall(_batch(1, [b"x"]) + _batch(2, [b"y"]))
+    elif name == "CutBatch":
+        conn.sendall(_batch(1, [b"z" * 1000])[:200])
+        return False
+    else:
+        _hold(conn)
+        return False
+    return True
+
+
 def _read_request(conn: socket.socket, buf: bytearray) -> tuple[str, bytes] | None:
     while b"\r\n\r\n" not in buf:
         data = conn.recv(65536)
@@ -201,13 +244,21 @@ def serve_connection(conn: socket.socket, activate: str) -> None:
                 return
             route, body = request
             if route == "Activate" and not activate:
-                names = ["Echo", *BEHAVIOURS]
+                names = ["Echo", "PollCount", *BEHAVIOURS]
                 conn.sendall(_response("200 OK", json.dumps(names).encode()))
                 continue
             if route == "Activate":
                 route = activate
             if route in ("Echo", "Ping"):
                 conn.sendall(_response("200 OK", body))
+                continue
+            if route == "RegisterCallback":
+                if not answer_poll(conn, json.loads(body)):
+                    return
+                continue
+            if route == "PollCount":
+                with _POLLS_LOCK:
+                    conn.sendall(_response("200 OK", b"%d" % _POLLS.get(body.decode(), 0)))
                 continue
             if route == "Stop":
                 conn.sendall(_response("200 OK", b""))
