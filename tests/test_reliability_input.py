@@ -382,6 +382,16 @@ def test_rogue_answer_raises_typed_error_within_the_timeout(rogue, behaviour):
     assert rogue.state is PluginState.LOADED
 
 
+async def _loaded_rogue(registry: aio.PluginRegistry) -> aio.PluginHandle:
+    deadline = time.monotonic() + 10
+    while not registry.is_loaded("Rogue"):
+        assert time.monotonic() < deadline, "the rogue plugin was not loaded"
+        await asyncio.sleep(0.01)
+    handle = registry.get_plugin("Rogue")
+    assert handle is not None
+    return handle
+
+
 def test_rogue_answers_raise_the_same_typed_errors_through_aio(spawn, plugin_dir):
     start_plugin(spawn, plugin_dir, "Rogue", script=ROGUE_PLUGIN)
     limits = Limits(max_body=ROGUE_LIMIT)
@@ -389,12 +399,7 @@ def test_rogue_answers_raise_the_same_typed_errors_through_aio(spawn, plugin_dir
 
     async def main() -> None:
         async with aio.PluginRegistry(plugin_dir, settings=settings) as registry:
-            deadline = time.monotonic() + 10
-            while not registry.is_loaded("Rogue"):
-                assert time.monotonic() < deadline, "the rogue plugin was not loaded"
-                await asyncio.sleep(0.01)
-            handle = registry.get_plugin("Rogue")
-            assert handle is not None
+            handle = await _loaded_rogue(registry)
             for behaviour, errors in ROGUE.items():
                 started = time.monotonic()
                 with pytest.raises(errors):
@@ -461,12 +466,7 @@ def test_rogue_smuggled_answer_is_never_taken_for_the_next_one_by_aio(spawn, plu
 
     async def main() -> None:
         async with aio.PluginRegistry(plugin_dir, settings=settings) as registry:
-            deadline = time.monotonic() + 10
-            while not registry.is_loaded("Rogue"):
-                assert time.monotonic() < deadline, "the rogue plugin was not loaded"
-                await asyncio.sleep(0.01)
-            handle = registry.get_plugin("Rogue")
-            assert handle is not None
+            handle = await _loaded_rogue(registry)
             for extra in ("ShortLength", "SmuggledAnswer"):
                 assert await handle.execute(extra) == b"hello"
                 # The connection that brought more than its answer is not used again.

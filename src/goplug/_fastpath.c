@@ -699,7 +699,8 @@ fast_serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
-/* The notifications of a batch body, or NULL (no exception) if its framing is not exact. */
+/* The notifications of a batch body; NULL without an exception if its records do not add up to
+ * exactly count and the body, NULL with one if memory ran out. */
 static PyObject *
 split_batch(const char *body, Py_ssize_t n, long long count)
 {
