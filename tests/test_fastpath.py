@@ -13,6 +13,7 @@ import os
 import socket
 import sysconfig
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -448,14 +449,14 @@ def test_notifications_sends_the_poll_and_splits_the_batch(pair) -> None:
         b.sendall(batch(41, items))
 
     thread = in_thread(plugin)
-    assert fastpath.notifications(a.fileno(), poll(), MAX, None) == (41, items)
+    assert fastpath.notifications(a.fileno(), poll(), MAX, 5.0, None) == (41, items)
     thread.join(5)
 
 
 def test_notifications_with_an_empty_request_only_waits(pair) -> None:
     a, b = pair
     b.sendall(batch(1, [b"x"]))
-    assert fastpath.notifications(a.fileno(), b"", MAX, None) == (1, [b"x"])
+    assert fastpath.notifications(a.fileno(), b"", MAX, 5.0, None) == (1, [b"x"])
     b.setblocking(False)
     with pytest.raises(BlockingIOError):
         b.recv(1)  # nothing was sent
@@ -472,7 +473,7 @@ def test_notifications_waits_without_a_timeout(pair) -> None:
         b.sendall(batch(5, [b"late"]))
 
     thread = in_thread(plugin)
-    assert fastpath.notifications(a.fileno(), b"", MAX, None) == (5, [b"late"])
+    assert fastpath.notifications(a.fileno(), b"", MAX, 5.0, None) == (5, [b"late"])
     thread.join(5)
 
 
@@ -487,7 +488,7 @@ def test_notifications_receives_a_large_batch_in_pieces_and_tunes_once(pair) -> 
             b.sendall(data[i : i + 50_000])
 
     thread = in_thread(plugin)
-    assert fastpath.notifications(a.fileno(), b"", MAX, lambda: tuned.append(1)) == (9, items)
+    assert fastpath.notifications(a.fileno(), b"", MAX, 5.0, lambda: tuned.append(1)) == (9, items)
     assert tuned == [1]
     thread.join(5)
 
@@ -511,7 +512,7 @@ def test_notifications_receives_a_large_batch_in_pieces_and_tunes_once(pair) -> 
 def test_notifications_hands_anything_else_back_untouched(pair, answer: bytes) -> None:
     a, b = pair
     b.sendall(answer)
-    assert fastpath.notifications(a.fileno(), b"", MAX, None) == (answer, False)
+    assert fastpath.notifications(a.fileno(), b"", MAX, 5.0, None) == (answer, False)
 
 
 def test_notifications_hands_back_a_batch_with_bad_records_after_receiving_it_whole(pair) -> None:
@@ -523,14 +524,14 @@ def test_notifications_hands_back_a_batch_with_bad_records_after_receiving_it_wh
             b.sendall(answer[i : i + 30_000])
 
     thread = in_thread(plugin)
-    assert fastpath.notifications(a.fileno(), b"", MAX, None) == (answer, False)
+    assert fastpath.notifications(a.fileno(), b"", MAX, 5.0, None) == (answer, False)
     thread.join(5)
 
 
 def test_notifications_reports_the_peer_closing(pair) -> None:
     a, b = pair
     b.shutdown(socket.SHUT_WR)
-    assert fastpath.notifications(a.fileno(), b"", MAX, None) == (b"", True)
+    assert fastpath.notifications(a.fileno(), b"", MAX, 5.0, None) == (b"", True)
 
 
 def test_notifications_hands_back_a_batch_cut_short_with_eof(pair) -> None:
@@ -538,14 +539,16 @@ def test_notifications_hands_back_a_batch_cut_short_with_eof(pair) -> None:
     answer = batch(3, [b"z" * 200_000])
     b.sendall(answer[:1000])
     b.shutdown(socket.SHUT_WR)
-    assert fastpath.notifications(a.fileno(), b"", MAX, None) == (answer[:1000], True)
+    assert fastpath.notifications(a.fileno(), b"", MAX, 5.0, None) == (answer[:1000], True)
 
 
 def test_notifications_ends_when_another_thread_shuts_the_socket_down(pair) -> None:
     a, _ = pair
     set_timeouts(a, 0)
     results: list[object] = []
-    thread = in_thread(lambda: results.append(fastpath.notifications(a.fileno(), b"", MAX, None)))
+    thread = in_thread(
+        lambda: results.append(fastpath.notifications(a.fileno(), b"", MAX, 5.0, None))
+    )
     # Closing a subscription shuts its socket down; the waiting receive must end.
     while thread.is_alive():
         a.shutdown(socket.SHUT_RDWR)
@@ -557,4 +560,41 @@ def test_notifications_raises_the_errors_socket_calls_raise(pair) -> None:
     a, b = pair
     b.close()
     with pytest.raises(OSError):
-        fastpath.notifications(a.fileno(), poll(), MAX, None)
+        fastpath.notifications(a.fileno(), poll(), MAX, 5.0, None)
+
+
+def _receive_timeout(sock: socket.socket) -> bytes:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+
+
+def test_notifications_bounds_the_rest_of_a_started_answer_by_the_timeout(pair) -> None:
+    a, b = pair
+    set_timeouts(a, 0)  # as a long poll's connection is
+    b.sendall(batch(1, [b"w" * 200_000])[:5000])  # the head and a little: then nothing
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        fastpath.notifications(a.fileno(), b"", MAX, 0.3, None)
+    assert 0.25 < time.monotonic() - started < 3.0
+    assert _receive_timeout(a) == bytes(16)  # the long poll's socket waits without a bound again
+
+
+def test_notifications_leaves_the_socket_without_a_receive_timeout(pair) -> None:
+    a, b = pair
+    set_timeouts(a, 0)
+    items = [b"v" * 300_000]
+
+    def plugin() -> None:
+        data = batch(2, items)
+        for i in range(0, len(data), 40_000):
+            b.sendall(data[i : i + 40_000])
+
+    thread = in_thread(plugin)
+    assert fastpath.notifications(a.fileno(), b"", MAX, 5.0, None) == (2, items)
+    thread.join(5)
+    assert _receive_timeout(a) == bytes(16)
+
+
+def test_notifications_rejects_a_timeout_that_is_not_positive(pair) -> None:
+    a, _ = pair
+    with pytest.raises(ValueError):
+        fastpath.notifications(a.fileno(), b"", MAX, 0.0, None)

@@ -416,14 +416,24 @@ def test_rogue_answers_raise_the_same_typed_errors_through_aio(spawn, plugin_dir
 
 
 @pytest.mark.parametrize(
-    "name", ["Garbage", "BadRecords", "HugeBatch", "SmuggledBatch", "CutBatch"]
+    "name",
+    [
+        "Garbage",
+        "BadRecords",
+        "HugeBatch",
+        "SmuggledBatch",
+        "CutBatch",
+        "StalledHead",
+        "StalledBody",
+    ],
 )
 def test_rogue_poll_answers_deliver_nothing_and_the_subscription_lives_on(rogue, name):
     rss_before = vm_rss_kib()
     got: list[bytes] = []
     subscription = rogue.register_callback(got.append, name)
-    # Each broken answer ends that poll; the subscription polls again (with backoff).
-    wait_for(lambda: int(rogue.execute("PollCount", name.encode())) >= 3, timeout=10)
+    # Each broken answer ends that poll; the subscription polls again (with backoff). An answer
+    # that stalls once started ends after the call timeout (2 s here).
+    wait_for(lambda: int(rogue.execute("PollCount", name.encode())) >= 3, timeout=15)
     assert subscription.alive
     assert got == []
     assert vm_rss_kib() - rss_before < 16 * 1024  # KiB: nothing of an announced 10 GB

@@ -203,6 +203,13 @@ set_recv_timeout(int fd, double seconds)
     (void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 }
 
+static void
+clear_recv_timeout(int fd)
+{
+    struct timeval tv = {0, 0};
+    (void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+}
+
 /* Receive into dst until *have reaches n, without the GIL throughout (a large body takes
  * several receives; re-acquiring the GIL between them only costs). Each recv is bounded by SO_RCVTIMEO, the whole by
  * deadline (when timeout > 0; with shrink, SO_RCVTIMEO is cut to what is left of it once it is
@@ -332,12 +339,14 @@ batch_head(const char *buf, Py_ssize_t len, const char **after, void *fields)
 }
 
 /* Send iov (nothing if iovcnt is 0), then receive one answer whose head parse recognises, with
- * its whole body: bounded by timeout when it is above 0 (a long poll's answer has no bound).
+ * its whole body, bounded by timeout. With arm (a long poll: the socket has no receive timeout,
+ * the answer may take as long as it must to start), the bound starts when the head has come and
+ * the socket is left without a receive timeout again.
  * Returns the body, with *head_len set and the head still in buf (RECV_SIZE bytes); or NULL
  * with *back set to (received, eof) for the Python parser; or NULL with an exception set. */
 static PyObject *
 receive_answer(int fd, struct iovec *iov, int iovcnt, char *buf, head_parser parse,
-               void *fields, Py_ssize_t max_body, double timeout, PyObject *tune,
+               void *fields, Py_ssize_t max_body, double timeout, int arm, PyObject *tune,
                Py_ssize_t *head_len, PyObject **back)
 {
     double deadline = monotonic() + timeout;
@@ -365,12 +374,18 @@ receive_answer(int fd, struct iovec *iov, int iovcnt, char *buf, head_parser par
     *head_len = after - buf;
     if (have == n)
         return PyBytes_FromStringAndSize(after, n);
+    if (arm) {
+        deadline = monotonic() + timeout;
+        set_recv_timeout(fd, timeout);
+    }
     body = body_after(fd, after, &have, n, deadline, timeout, 1, tune, &status, &err);
+    if (arm)
+        clear_recv_timeout(fd);
     if (body == NULL || status == 1)
         return body;
     if (status == 0)
         *back = handback(buf, *head_len, PyBytes_AS_STRING(body), have, 1);
-    else if (err == ETIMEDOUT)
+    else if (err == ETIMEDOUT || (arm && (err == EAGAIN || err == EWOULDBLOCK)))
         PyErr_SetString(PyExc_TimeoutError, "response not complete within the timeout");
     else
         raise_errno(err);
@@ -426,7 +441,7 @@ fast_exchange(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyBuffer_Release(&data);
         return PyErr_NoMemory();
     }
-    body = receive_answer(fd, iov, data.len ? 3 : 2, buf, ok_head, NULL, max_body, timeout,
+    body = receive_answer(fd, iov, data.len ? 3 : 2, buf, ok_head, NULL, max_body, timeout, 0,
                           args[5], &head_len, &back);
     PyBuffer_Release(&data);
     PyMem_Free(buf);
@@ -738,10 +753,10 @@ bad:
 }
 
 PyDoc_STRVAR(notifications_doc,
-"notifications(fd, request, max_body, tune) -> tuple[int, list[bytes]] | tuple[bytes, bool]\n\n"
-"Send request (a long poll; may be empty), wait without a timeout for the answer, and return\n"
-"(first_seq, notifications) if it is a batch as goplug plugins send it, else\n"
-"(received, eof) for the Python parser to finish.");
+"notifications(fd, request, max_body, timeout, tune) -> tuple[int, list[bytes]] | tuple[bytes, bool]\n\n"
+"Send request (a long poll; may be empty), wait without a timeout for the answer to start and\n"
+"at most timeout seconds more for the rest, and return (first_seq, notifications) if it is a\n"
+"batch as goplug plugins send it, else (received, eof) for the Python parser to finish.");
 
 static PyObject *
 fast_notifications(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -751,12 +766,13 @@ fast_notifications(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     struct iovec iov[1];
     struct batch_fields fields = {0, 0};
     Py_ssize_t max_body, head_len;
+    double timeout;
     char *buf;
     PyObject *body, *back, *items;
 
     (void)module;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "notifications() takes 4 arguments");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "notifications() takes 5 arguments");
         return NULL;
     }
     if ((fd = as_fd(args[0])) < 0)
@@ -764,6 +780,13 @@ fast_notifications(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     max_body = PyLong_AsSsize_t(args[2]);
     if (max_body == -1 && PyErr_Occurred())
         return NULL;
+    timeout = PyFloat_AsDouble(args[3]);
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (timeout <= 0) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be positive");
+        return NULL;
+    }
     if (PyObject_GetBuffer(args[1], &request, PyBUF_SIMPLE) < 0)
         return NULL;
     iov[0].iov_base = request.buf;
@@ -773,10 +796,9 @@ fast_notifications(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyBuffer_Release(&request);
         return PyErr_NoMemory();
     }
-    /* A long poll's answer has no deadline: the poll waits as long as it has to, and the
-     * answer's body follows its head at once. */
-    body = receive_answer(fd, iov, request.len ? 1 : 0, buf, batch_head, &fields, max_body, 0.0,
-                          args[3], &head_len, &back);
+    /* The poll waits as long as it has to; the answer's body follows its head at once. */
+    body = receive_answer(fd, iov, request.len ? 1 : 0, buf, batch_head, &fields, max_body,
+                          timeout, 1, args[4], &head_len, &back);
     PyBuffer_Release(&request);
     if (body != NULL) {
         items = split_batch(PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), fields.count);

@@ -57,10 +57,17 @@ def request_of(data: bytes, max_body: int, /) -> tuple[bytes, bytes] | None:
     """
 
 def notifications(
-    fd: int, request: bytes, max_body: int, tune: Callable[[], object] | None, /
+    fd: int,
+    request: bytes,
+    max_body: int,
+    timeout: float,
+    tune: Callable[[], object] | None,
+    /,
 ) -> tuple[int, list[bytes]] | tuple[bytes, bool]:
-    """Send ``request`` (a long poll; may be empty) and wait, with no timeout, for its answer.
+    """Send ``request`` (a long poll; may be empty) and wait for its answer.
 
+    The wait for the answer to start has no bound (the socket has no receive timeout); once its
+    head has come, the rest must come within ``timeout`` seconds (TimeoutError otherwise).
     Returns ``(first_seq, notifications)`` if the answer is a batch as goplug plugins send it
     (``200 OK`` with X-Goplug-Seq, X-Goplug-Count and Content-Length, in that order, and an
     exactly framed body), else ``(received, eof)`` for the Python parser to finish.

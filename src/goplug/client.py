@@ -55,7 +55,8 @@ class ClientSettings:
     """Timeouts and limits of a registry's connections to its plugins."""
 
     call_timeout: float = 30.0
-    """Default timeout of ``execute`` (seconds); a call may pass its own."""
+    """Default timeout of ``execute`` (seconds); a call may pass its own. Also the longest a
+    callback poll's answer may take once it has started (the wait for it to start is unbounded)."""
     ping_timeout: float = 2.0
     """Timeout of ``ping``."""
     activate_timeout: float = 5.0
@@ -138,26 +139,44 @@ class Connection:
         answer = self._exchange(request, body, timeout)
         return _ok_message(answer) if isinstance(answer, bytes) else answer
 
-    def poll(self, request: bytes) -> tuple[int, list[bytes]] | Message:
-        """Send a long poll and wait, with no timeout, for its answer.
+    def poll(self, request: bytes, timeout: float) -> tuple[int, list[bytes]] | Message:
+        """Send a long poll and wait for its answer, as long as it takes to start.
 
-        Returns ``(first_seq, notifications)`` for a batch as goplug plugins send it, else the
-        parsed response (raises OSError, FramingError).
+        Once it has started, the rest must come within ``timeout`` seconds. Returns
+        ``(first_seq, notifications)`` for a batch as goplug plugins send it, else the parsed
+        response (raises OSError, TimeoutError, FramingError).
         """
         if self.fd >= 0 and not self.unread:
-            answer = fastpath.notifications(self.fd, request, self.max_body, memory.tune_malloc)
+            answer = fastpath.notifications(
+                self.fd, request, self.max_body, timeout, memory.tune_malloc
+            )
             if type(answer[0]) is int:
                 return answer
             received, eof = answer
-            msg = self._receive(received, bool(eof), 0.0, 0.0)  # type: ignore[arg-type]
+            msg = self._rest_of_answer(received, bool(eof), timeout)  # type: ignore[arg-type]
         else:
             self.sock.sendall(request)
             data = self.sock.recv(_RECV)
-            msg = self._receive(data, not data, 0.0, 0.0)
+            msg = self._rest_of_answer(data, not data, timeout)
         self.unread = self.reader.in_message
         if self.unread:  # a plugin answers one poll at a time
             raise FramingError("unsolicited response")
         return msg
+
+    def _rest_of_answer(self, first: bytes, eof: bool, timeout: float) -> Message:
+        if eof:
+            return self._receive(first, True, 0.0, 0.0)
+        msg = self.reader.receive(first)
+        if msg is not None:
+            return msg
+        # The answer has started: what is left of it must come within the timeout, or a plugin
+        # that stalls in the middle of an answer would hold the poll for ever.
+        self.set_timeout(timeout)
+        try:
+            return self._receive(None, False, time.monotonic(), timeout)
+        finally:
+            set_timeouts(self.sock, 0)
+            self.timeout = 0.0
 
     def _exchange(self, request: bytes, body: bytes | None, timeout: float) -> bytes | Message:
         sock = self.sock
@@ -566,7 +585,7 @@ class Subscription:
         set_timeouts(conn.sock, 0)
         conn.timeout = 0.0
         while not self._stop.is_set():
-            answer = conn.poll(self._request(client))
+            answer = conn.poll(self._request(client), self._settings.call_timeout)
             keep_alive = True
             if type(answer) is tuple:
                 items = self._acknowledge(*answer)

@@ -201,6 +201,14 @@ def answer_poll(conn: socket.socket, name: str) -> bool:
         )
     elif name == "SmuggledBatch":  # a second, unasked batch in the same write
         conn.sendall(_batch(1, [b"x"]) + _batch(2, [b"y"]))
+    elif name == "StalledHead":  # an answer that starts and never ends, in its head
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Goplug-Seq: 1\r\n")
+        _hold(conn)
+        return False
+    elif name == "StalledBody":  # the same in its body
+        conn.sendall(_batch(1, [b"s" * 100_000])[:1000])
+        _hold(conn)
+        return False
     elif name == "CutBatch":
         conn.sendall(_batch(1, [b"z" * 1000])[:200])
         return False
