@@ -158,8 +158,7 @@ class Connection:
             self.sock.sendall(request)
             data = self.sock.recv(_RECV)
             msg = self._rest_of_answer(data, not data, timeout)
-        self.unread = self.reader.in_message
-        if self.unread:  # a plugin answers one poll at a time
+        if self.reader.in_message:  # a plugin answers one poll at a time
             raise FramingError("unsolicited response")
         return msg
 

@@ -362,11 +362,7 @@ class Server:
     def _answer(self, conn: socket.socket, msg: Message) -> bool:
         """Answer one request; return False when the connection must end."""
         target = msg.target
-        route = self._routes.get(target)
-        if route is None:
-            route = routes.route_of(target, self._prefix)
-            if len(self._routes) < _CACHED and len(target) <= _CACHED_LEN:
-                self._routes[target] = route
+        route = self._route(target)
         method = self._methods.get(route)
         if method is not None:
             if len(self._fast_targets) < _CACHED and len(target) <= _CACHED_LEN:
@@ -405,14 +401,16 @@ class Server:
         body = routes.error_body("MethodNotFound", f"no method {route!r}")
         return self._send(conn, 404, body, _JSON)
 
-    def _route_of(self, target: bytes) -> str:
-        text = target.decode("ascii")
-        route = self._routes.get(text)
+    def _route(self, target: str) -> str:
+        route = self._routes.get(target)
         if route is None:
-            route = routes.route_of(text, self._prefix)
-            if len(self._routes) < _CACHED and len(text) <= _CACHED_LEN:
-                self._routes[text] = route
+            route = routes.route_of(target, self._prefix)
+            if len(self._routes) < _CACHED and len(target) <= _CACHED_LEN:
+                self._routes[target] = route
         return route
+
+    def _route_of(self, target: bytes) -> str:
+        return self._route(target.decode("ascii"))
 
     def _call(self, conn: socket.socket, target: bytes, method: MethodFunc, body: bytes) -> None:
         """Call a method met before (its target is in the fast targets) and answer."""
